@@ -1,0 +1,3 @@
+from philora.cli import main
+
+raise SystemExit(main())

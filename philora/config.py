@@ -1,0 +1,394 @@
+"""philora's configuration: every field, its default and its meaning, in one place.
+
+A config is one YAML file with four sections. `peft_config` and `training_config` use the names of peft's
+`LoraConfig` and transformers' `TrainingArguments`, so the dicts of the Phi-3 model card's sample_finetune.py
+paste in and run. `load_config` reads the YAML, applies `--set` overrides and validates everything, raising one
+`UserError` that lists every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from philora.errors import UserError
+from philora.validate import check_type, coerce_numeric
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str | None = doc(
+        None,
+        "null = the embedded default (SmolLM2-135M-Instruct re-laid as Phi-3); else a local dir or hub id",
+    )
+    revision: str | None = doc(None, "hub revision (branch, tag or commit) when name_or_path is a hub id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc(
+        "auto", "weights dtype; auto = bfloat16 where the GPU/CPU computes it natively, else float32"
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = doc(
+        "sdpa", "attention kernel; flash_attention_2 needs a CUDA GPU and the flash-attn package"
+    )
+    trust_remote_code: bool = doc(False, "run modelling code shipped with a hub model (off unless you trust it)")
+    quantization: Literal["4bit", "8bit"] | None = doc(
+        None, "load the base quantised with bitsandbytes for QLoRA: 4bit = NF4, double quant, bf16 compute"
+    )
+
+
+@dataclass
+class DataSection:
+    train: str | None = doc(None, "training data: a .jsonl file; null = the shipped sample dataset")
+    eval: str | float | None = doc(
+        None,
+        "held-out data: a .jsonl file, or a fraction (0-0.5) of train; null = none (sample: its eval split)",
+    )
+    format: Literal["auto", "messages"] = doc("auto", "row format; messages = OpenAI chat {'messages': [...]}")
+    max_length: int = doc(2048, "longest tokenised conversation (or packed row) in tokens")
+    packing: bool = doc(True, "pack conversations into rows of max_length; attention never crosses them")
+    train_on: Literal["assistant", "last_assistant", "all"] = doc(
+        "assistant", "which tokens carry loss: every assistant turn, only the last one, or the whole chat"
+    )
+    on_bad_row: Literal["error", "skip"] = doc(
+        "error", "a malformed row stops the run (error) or is counted and skipped"
+    )
+    max_eval_samples: int | None = doc(None, "use at most this many eval conversations (null = all)")
+
+
+@dataclass
+class PeftSection:
+    r: int = doc(16, "LoRA rank")
+    lora_alpha: float = doc(32, "LoRA scaling numerator: the update is scaled by lora_alpha / r")
+    lora_dropout: float = doc(0.05, "dropout on the LoRA input (0 takes a faster path)")
+    bias: Literal["none", "all", "lora_only"] = doc("none", "which biases are trained")
+    task_type: Literal["CAUSAL_LM"] = doc("CAUSAL_LM", "peft task type; philora trains causal LMs")
+    target_modules: str | list[str] = doc(
+        "all-linear",
+        "modules that get LoRA: all-linear (every linear layer but the LM head; on Phi-3 qkv_proj, o_proj,"
+        " gate_up_proj, down_proj) or a list of module names; a name that matches nothing is an error",
+    )
+    modules_to_save: list[str] | None = doc(None, "modules trained in full and saved with the adapter")
+    use_rslora: bool = doc(False, "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)")
+    layers_to_transform: list[int] | None = doc(None, "only these layer indices get LoRA (null = all)")
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = doc("out", "where adapter/, checkpoints/, metrics.jsonl, run.json and loss.png go")
+    overwrite_output_dir: bool = doc(False, "allow writing over a finished run in output_dir")
+    seed: int = doc(42, "seed for LoRA init, data order and dropout")
+    num_train_epochs: float = doc(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int = doc(-1, "optimizer steps to run; -1 = derive from num_train_epochs")
+    per_device_train_batch_size: int = doc(4, "rows per micro-batch")
+    per_device_eval_batch_size: int = doc(4, "rows per eval batch")
+    gradient_accumulation_steps: int = doc(1, "micro-batches per optimizer step (loss averaged per token)")
+    learning_rate: float = doc(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = doc("adamw_torch", "optimizer")
+    max_grad_norm: float = doc(1.0, "clip the gradient norm to this (0 = no clipping)")
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+    ] = doc("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = doc(0.0, "fraction of the steps spent warming up (used when warmup_steps is 0)")
+    warmup_steps: int = doc(0, "warmup steps; overrides warmup_ratio when > 0")
+    bf16: bool = doc(False, "compute in bfloat16 (autocast) where the hardware supports it")
+    fp16: bool = doc(False, "compute in float16 (autocast, loss scaling); CUDA only")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory (slower)")
+    gradient_checkpointing_kwargs: dict[str, bool] | None = doc(None, "e.g. {use_reentrant: false}")
+    logging_strategy: Literal["steps", "epoch", "no"] = doc("steps", "when to log training loss")
+    logging_steps: int = doc(10, "log every this many optimizer steps")
+    logging_first_step: bool = doc(False, "also log the first step")
+    log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = doc(
+        "passive", "verbosity of library logs (passive = leave as is)"
+    )
+    do_eval: bool = doc(False, "compute eval loss at the end (and per eval_strategy) when there is eval data")
+    eval_strategy: Literal["no", "steps", "epoch"] = doc("no", "when to compute eval loss during training")
+    eval_steps: int | None = doc(None, "eval every this many steps (null = logging_steps)")
+    save_strategy: Literal["no", "steps", "epoch"] = doc("steps", "when to write checkpoints")
+    save_steps: int = doc(500, "checkpoint every this many optimizer steps")
+    save_total_limit: int | None = doc(None, "keep only the newest this many checkpoints (null = all)")
+    remove_unused_columns: bool = doc(True, "accepted for compatibility; philora always keeps only token columns")
+    predict_with_generate: bool = doc(
+        False, "generate answers to the eval prompts before and after training and report exact match"
+    )
+    generation_max_length: int = doc(128, "new tokens per generated eval answer")
+    run_name: str | None = doc(None, "a name recorded in run.json")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "peft_config": PeftSection,
+    "training_config": TrainingSection,
+}
+
+# Names peft / transformers know that philora does not act on (yet). Saying so beats "unknown key".
+NOT_HONOURED = {
+    "peft_config": {f.name for f in dataclasses.fields(__import__("peft").LoraConfig)},
+    "training_config": {
+        "report_to",
+        "torch_compile",
+        "deepspeed",
+        "fsdp",
+        "push_to_hub",
+        "load_best_model_at_end",
+        "dataloader_num_workers",
+        "label_smoothing_factor",
+        "neftune_noise_alpha",
+        "resume_from_checkpoint",
+        "eval_on_start",
+        "tf32",
+        "data_seed",
+        "full_determinism",
+        "use_cpu",
+        "lr_scheduler_kwargs",
+        "auto_find_batch_size",
+        "include_num_input_tokens_seen",
+        "disable_tqdm",
+        "do_train",
+        "do_predict",
+    },
+}
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    peft_config: PeftSection = field(default_factory=PeftSection)
+    training_config: TrainingSection = field(default_factory=TrainingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a packaged preset (`demo`, `phi3-mini-4k-lora`, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{name.removesuffix('.yaml')}.yaml"
+    if len(path.parts) == 1 and packaged.is_file():
+        return packaged
+    presets = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise UserError(f"--config {name}: no such file; give a YAML path or a preset name ({presets})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (none = the demo preset), apply `--set` overrides, validate; all problems at once."""
+    source = resolve_config_path(path or "demo")
+    raw, lines = _read_yaml(source)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    config = _build(raw, problems, place=lambda key: f"{source}:{lines[key]}" if key in lines else str(source))
+    problems += _check_values(config)
+    if problems:
+        raise UserError(*problems)
+    return config
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config ({e})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping with sections {', '.join(SECTIONS)}")
+    return data, _key_lines(node)
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Line number of every `section.key` in the YAML, for error messages."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}{key.value}"
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path + "."))
+    return lines
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        problems.append(f"--set {item}: expected SECTION.KEY=VALUE, e.g. training_config.max_steps=20")
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as the literal string
+    section = raw.setdefault(parts[0], {})
+    if isinstance(section, dict):
+        section[parts[1]] = value
+    else:
+        problems.append(f"--set {item}: section {parts[0]} is not a mapping in the config file")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.7)
+    return f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(options)}"
+
+
+def _build(raw: dict[str, Any], problems: list[str], place: Any) -> Config:
+    sections = {}
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(f"{place(name)}: {name}: unknown section{_suggest(str(name), list(SECTIONS))}")
+    for name, cls in SECTIONS.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            problems.append(f"{place(name)}: {name}: expected a mapping of keys, got {given!r}")
+            given = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in given.items():
+            where = f"{place(f'{name}.{key}')}: {name}.{key}"
+            if key not in fields:
+                if key in NOT_HONOURED.get(name, ()):
+                    problems.append(f"{where}: philora does not honour this option yet; remove it")
+                else:
+                    problems.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
+                continue
+            value = coerce_numeric(value, hints[key])
+            if (error := check_type(value, hints[key])) is not None:
+                problems.append(f"{where}: {error}")
+                continue
+            values[key] = value
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def _check_values(c: Config) -> list[str]:
+    """Values that have the right type but cannot work, each with the fix."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {value!r} is not allowed; {what}")
+
+    p, t, d = c.peft_config, c.training_config, c.data
+    need(p.r >= 1, "peft_config.r", p.r, "use a rank >= 1 (8-64 is typical)")
+    need(p.lora_alpha > 0, "peft_config.lora_alpha", p.lora_alpha, "use a positive value (often 2*r)")
+    need(0 <= p.lora_dropout < 1, "peft_config.lora_dropout", p.lora_dropout, "use a value in [0, 1)")
+    if isinstance(p.target_modules, list):
+        need(
+            len(p.target_modules) > 0,
+            "peft_config.target_modules",
+            p.target_modules,
+            "name at least one module",
+        )
+    else:
+        need(
+            p.target_modules == "all-linear",
+            "peft_config.target_modules",
+            p.target_modules,
+            "use all-linear or a list of module names",
+        )
+    need(t.learning_rate > 0, "training_config.learning_rate", t.learning_rate, "use a positive value")
+    need(t.num_train_epochs > 0, "training_config.num_train_epochs", t.num_train_epochs, "use a positive value")
+    need(t.max_steps == -1 or t.max_steps >= 1, "training_config.max_steps", t.max_steps, "use -1 or >= 1")
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_steps",
+        "generation_max_length",
+    ):
+        need(getattr(t, key) >= 1, f"training_config.{key}", getattr(t, key), "use a value >= 1")
+    need(0 <= t.warmup_ratio <= 1, "training_config.warmup_ratio", t.warmup_ratio, "use a value in [0, 1]")
+    need(t.warmup_steps >= 0, "training_config.warmup_steps", t.warmup_steps, "use a value >= 0")
+    need(t.max_grad_norm >= 0, "training_config.max_grad_norm", t.max_grad_norm, "use >= 0 (0 = no clipping)")
+    need(t.weight_decay >= 0, "training_config.weight_decay", t.weight_decay, "use a value >= 0")
+    need(
+        0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1,
+        "training_config.adam_beta1/adam_beta2",
+        (t.adam_beta1, t.adam_beta2),
+        "use values in [0, 1)",
+    )
+    need(t.eval_steps is None or t.eval_steps >= 1, "training_config.eval_steps", t.eval_steps, "use >= 1")
+    need(
+        t.save_total_limit is None or t.save_total_limit >= 1,
+        "training_config.save_total_limit",
+        t.save_total_limit,
+        "use >= 1, or null to keep every checkpoint",
+    )
+    need(not (t.bf16 and t.fp16), "training_config.bf16/fp16", "both true", "choose one")
+    need(
+        t.remove_unused_columns,
+        "training_config.remove_unused_columns",
+        False,
+        "philora always keeps only the token columns; remove the key or set it to true",
+    )
+    extra = set(t.gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
+    need(
+        not extra,
+        "training_config.gradient_checkpointing_kwargs",
+        sorted(extra),
+        "only use_reentrant is supported",
+    )
+    need(d.max_length >= 16, "data.max_length", d.max_length, "use at least 16 tokens")
+    need(
+        d.max_eval_samples is None or d.max_eval_samples >= 1,
+        "data.max_eval_samples",
+        d.max_eval_samples,
+        "use >= 1 or null",
+    )
+    if isinstance(d.eval, float):
+        need(0 < d.eval <= 0.5, "data.eval", d.eval, "a held-out fraction must be in (0, 0.5]")
+    if d.eval is not None and d.train is None and not isinstance(d.eval, str):
+        problems.append("data.eval: a fraction needs data.train; the sample dataset has its own eval split")
+    need(
+        not (c.model.quantization and c.model.dtype == "float16" and t.bf16),
+        "model.quantization",
+        c.model.quantization,
+        "4-bit compute is bf16 here; do not combine dtype float16 with bf16",
+    )
+    return problems
+
+
+def dump_documented(config: Config) -> str:
+    """The config as YAML with every field's meaning as a comment: the reference for all options."""
+    out = []
+    for name, cls in SECTIONS.items():
+        out.append(f"{name}:")
+        section = getattr(config, name)
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump(getattr(section, f.name), default_flow_style=True, width=1000).strip()
+            value = value.removesuffix("...").strip()
+            out.append(f"  {f.name}: {value}".ljust(44) + f"  # {f.metadata['help']}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,98 @@
+"""Which modules get LoRA, checked against the model, and the peft model built from a `peft_config`.
+
+PEFT adapts every module whose name ends with a target name and says nothing about target names that match
+nothing. On Phi-3 that is a trap: the CookBook's `q_proj, k_proj, v_proj, gate_proj, up_proj` do not exist
+(Phi-3 fuses them into `qkv_proj` and `gate_up_proj`), so PEFT would quietly adapt only `o_proj`/`down_proj`
+or fail late. philora resolves targets itself and refuses names that match no module.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+import torch
+
+from philora.config import PeftSection
+from philora.errors import UserError
+
+# Unfused names other tools use, and the Phi-3 module that holds them.
+FUSED_HOME = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style Conv1D does not.
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_names(model: torch.nn.Module) -> dict[str, int]:
+    """Short names of the linear layers that can carry LoRA (the LM head excluded), with their counts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    counts: Counter[str] = Counter()
+    for name, module in model.named_modules():
+        if _is_linear(module) and module is not head:
+            counts[name.rsplit(".", 1)[-1]] += 1
+    return dict(counts)
+
+
+def resolve_targets(model: torch.nn.Module, target_modules: str | list[str]) -> list[str]:
+    """`all-linear` becomes the explicit list of linear layer names; a list is checked name by name."""
+    available = linear_names(model)
+    if target_modules == "all-linear":
+        return sorted(available)
+    names = [name for name, _ in model.named_modules()]
+    # peft's rule: a target matches a module whose full name equals it or ends with "." + target.
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        hint = ""
+        if any(m in FUSED_HOME for m in missing) and "qkv_proj" in available:
+            homes = sorted({FUSED_HOME[m] for m in missing if m in FUSED_HOME})
+            hint = f" (this model fuses them: use {', '.join(homes)})"
+        raise UserError(
+            f"peft_config.target_modules: {', '.join(missing)} match no module of {type(model).__name__}{hint}; "
+            f"its linear layers are {', '.join(sorted(available))}"
+        )
+    return list(target_modules)
+
+
+def apply_lora(model: Any, pc: PeftSection) -> Any:
+    """Wrap `model` in a peft LoRA model per `pc`, print what was adapted, and return it."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_targets(model, pc.target_modules)
+    lora_config = LoraConfig(
+        task_type=pc.task_type,
+        r=pc.r,
+        lora_alpha=pc.lora_alpha,
+        lora_dropout=pc.lora_dropout,
+        bias=pc.bias,
+        target_modules=targets,
+        modules_to_save=pc.modules_to_save,
+        use_rslora=pc.use_rslora,
+        layers_to_transform=pc.layers_to_transform,
+    )
+    peft_model = get_peft_model(model, lora_config)
+    print(describe_adapters(peft_model), file=sys.stderr)
+    return peft_model
+
+
+def describe_adapters(peft_model: Any) -> str:
+    """'LoRA on 120 modules (qkv_proj x30, ...): 4,884,480 trainable of 139,399,104 parameters (3.50%)'."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = Counter(n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+    trainable, total = peft_model.get_nb_trainable_parameters()  # counts 4-bit packed weights correctly
+    modules = ", ".join(f"{name} x{count}" for name, count in sorted(adapted.items()))
+    return (
+        f"philora: LoRA on {sum(adapted.values())} modules ({modules}): "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )

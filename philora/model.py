@@ -1,0 +1,140 @@
+"""Load a causal LM and its tokenizer: the embedded default, a local directory or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from philora import embedded, hardware
+from philora.config import ModelSection
+from philora.errors import UserError
+
+# Pad tokens that are safe to use when the tokenizer's pad is missing or equals its eos / end-of-turn token.
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def model_source(mc: ModelSection) -> str:
+    """The directory or hub id transformers should load: the embedded model's cache dir when none is named."""
+    if mc.name_or_path is None:
+        return str(embedded.embedded_model_dir())
+    name = mc.name_or_path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model.name_or_path: {name} is a file; give the model's directory")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name} has no config.json; is it a Hugging Face model directory?")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local:
+        raise UserError(f"model.name_or_path: {name}: no such directory")
+    return name
+
+
+def _from_pretrained(loader: Any, source: str, mc: ModelSection, what: str, **kwargs: Any) -> Any:
+    """Call a transformers loader, turning 'not found' and 'offline' failures into one clear line."""
+    try:
+        return loader.from_pretrained(source, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+            raise UserError(
+                f"model.name_or_path: {source} needs its own modelling code; set model.trust_remote_code: true "
+                "if you trust it"
+            ) from None
+        if not isinstance(e, OSError) and "Repo id" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(
+            f"model.name_or_path: cannot load the {what} of {source!r}{offline}: {first} — give a local model "
+            f"directory, or download it first with `hf download {source}`"
+        ) from None
+
+
+def load_tokenizer(mc: ModelSection) -> Any:
+    """The model's tokenizer with a pad token that is not its eos/end-of-turn token (so padding can never be
+    confused with, or masked as, the token that ends an answer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
+    ensure_safe_pad(tokenizer)
+    return tokenizer
+
+
+def ensure_safe_pad(tokenizer: Any) -> None:
+    vocab = tokenizer.get_vocab()
+    ends = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
+        return
+    for candidate in (tokenizer.unk_token, *PAD_CANDIDATES):
+        if candidate and candidate in vocab and vocab[candidate] not in ends:
+            old = tokenizer.pad_token
+            tokenizer.pad_token = candidate
+            print(
+                f"philora: pad token {old!r} is the end-of-sequence token; padding with {candidate!r} "
+                f"(id {vocab[candidate]}) instead",
+                file=sys.stderr,
+            )
+            return
+    raise UserError(
+        "the tokenizer has no pad token distinct from its eos token, and none of "
+        f"{', '.join(PAD_CANDIDATES)} exists in its vocabulary; add one to the tokenizer before training"
+    )
+
+
+def _check_attention(mc: ModelSection, dev: torch.device) -> None:
+    if mc.attn_implementation != "flash_attention_2":
+        return
+    if dev.type != "cuda":
+        raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package: "
+            "`pip install flash-attn --no-build-isolation`, or use sdpa"
+        )
+
+
+def _quantization_config(mc: ModelSection, dev: torch.device) -> Any:
+    if mc.quantization is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization: {mc.quantization} needs bitsandbytes: `pip install 'philora[qlora]'`")
+    from transformers import BitsAndBytesConfig
+
+    if mc.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if hardware.bf16_is_fast(dev) or dev.type == "cpu" else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_model(mc: ModelSection, *, training: bool) -> Any:
+    """Load the causal LM on this process's device: dtype resolved (auto = bf16 only where it is fast),
+    attention checked, `use_cache` off for training (it only costs memory there) and on for generation."""
+    from transformers import AutoModelForCausalLM
+
+    dev = hardware.device()
+    _check_attention(mc, dev)
+    source = model_source(mc)
+    kwargs: dict[str, Any] = {
+        "dtype": hardware.resolve_dtype(mc.dtype, dev),
+        "attn_implementation": mc.attn_implementation,
+    }
+    if (quant := _quantization_config(mc, dev)) is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    model = _from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
+    if quant is None:
+        model.to(dev)
+    model.config.use_cache = not training
+    return model

@@ -1,0 +1,71 @@
+"""run.json: what ran (config as resolved, library versions, data hash, seed), how long, and what came out."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from philora import __version__, hardware
+from philora.config import Config
+from philora.data import PreparedData
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"philora": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_record(
+    out: Path,
+    config: Config,
+    prepared: PreparedData,
+    model: Any,
+    state: dict[str, Any],
+    records: list[dict[str, Any]],
+    evaluation: dict[str, Any] | None,
+    wall_seconds: float,
+) -> None:
+    trainable, total = model.get_nb_trainable_parameters()
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    record = {
+        "config": config.to_dict(),
+        "versions": library_versions(),
+        "command": sys.argv,
+        "seed": config.training_config.seed,
+        "data": {
+            "files": [str(p) for p in prepared.files],
+            "sha256": prepared.sha256,
+            "train_conversations": len(prepared.train.samples),
+            "eval_conversations": len(prepared.eval.samples) if prepared.eval else 0,
+            "skipped_rows": len(prepared.skipped),
+            "dropped_too_long": prepared.train.dropped_too_long,
+        },
+        "device": str(hardware.device()),
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "parameters": {"trainable": trainable, "total": total},
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "trained_tokens": state["trained_tokens"],
+        "train_seconds": round(state["train_seconds"], 2),
+        "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+        "wall_seconds": round(wall_seconds, 2),
+        "final_loss": losses[-1] if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "generation_eval": {k: v for k, v in evaluation.items() if k != "samples"} if evaluation else None,
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")

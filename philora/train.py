@@ -1,0 +1,332 @@
+"""`philora train`: data and model in, a PEFT adapter and a record of the run out. One loop, read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from philora import checkpoint, data, evaluate, hardware
+from philora.config import Config, TrainingSection
+from philora.data.batching import Row, collate, one_per_row, pack
+from philora.errors import UserError
+from philora.logs import MetricsLog, plot_losses
+from philora.lora.targets import apply_lora
+from philora.loss import TokenLoss
+from philora.model import load_model, load_tokenizer
+from philora.report import write_run_record
+
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json")
+
+
+class LossDiverged(UserError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model: Any  # the trained peft model, in memory
+    evaluation: dict[str, Any] | None
+
+
+@dataclass
+class Plan:
+    """How the rows become optimizer steps. Micro-batch k of the whole run is batch k % per_epoch of epoch
+    k // per_epoch, each epoch in a seeded order, so a step's data follows from its index alone (exact resume)."""
+
+    rows: list[Row]
+    batch_size: int
+    accumulation: int
+    total_steps: int
+    seed: int
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def micro_batches(self, step: int) -> list[list[Row]]:
+        out = []
+        for k in range(step * self.accumulation, (step + 1) * self.accumulation):
+            epoch, index = divmod(k, self.per_epoch)
+            order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+            picked = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+            out.append([self.rows[i] for i in picked])
+        return out
+
+    def epoch_of(self, step: int) -> float:
+        return (step + 1) * self.accumulation / self.per_epoch
+
+
+def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool) -> Plan:
+    rows = pack([len(s.input_ids) for s in samples], max_length) if packing else one_per_row(len(samples))
+    per_epoch_steps = math.ceil(math.ceil(len(rows) / tc.per_device_train_batch_size) / tc.gradient_accumulation_steps)
+    total = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * per_epoch_steps)
+    return Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, total, tc.seed)
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one unless asked to overwrite it."""
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"--output {out}: already holds a run ({', '.join(existing)}); continue it with --resume, choose "
+            "another --output, or set training_config.overwrite_output_dir: true"
+        )
+    for name in existing:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def mixed_precision(tc: TrainingSection, dev: torch.device) -> str:
+    if tc.fp16:
+        if dev.type != "cuda":
+            raise UserError("training_config.fp16: float16 autocast needs a CUDA GPU; use bf16 or neither here")
+        return "fp16"
+    if tc.bf16 and not hardware.bf16_is_fast(dev):
+        print(
+            "philora: training_config.bf16: this CPU has no native bf16 matmul (AMX/AVX512-BF16), where bf16 "
+            "runs several times slower than fp32; computing in fp32",
+            file=sys.stderr,
+        )
+        return "no"
+    return "bf16" if tc.bf16 else "no"
+
+
+def set_log_level(level: str) -> None:
+    if level != "passive":
+        import transformers
+
+        transformers.logging.set_verbosity(
+            transformers.logging.get_verbosity() if level == "passive" else getattr(transformers.logging, level.upper())
+        )
+
+
+def train(config: Config, resume: str | bool | None = None) -> TrainResult:
+    """Run a whole training job per `config`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    started = time.time()
+    tc = config.training_config
+    out = Path(tc.output_dir)
+    resume_from = checkpoint.find_resume_point(out, resume) if resume else None
+    if resume_from is not None:
+        saved = json.loads((resume_from / "state.json").read_text())
+        if diffs := checkpoint.config_differences(saved["config"], config.to_dict()):
+            raise UserError(*(f"--resume {resume_from}: {d}; resume with the same settings" for d in diffs))
+    else:
+        prepare_output_dir(out, tc.overwrite_output_dir)
+    set_log_level(tc.log_level)
+    set_seed(tc.seed)
+
+    tokenizer = load_tokenizer(config.model)
+    prepared = data.prepare(config.data, tokenizer, tc.seed)
+    report_data(prepared)
+    model = load_model(config.model, training=True)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
+    model = apply_lora(model, config.peft_config)
+
+    dev = hardware.device()
+    accelerator = Accelerator(mixed_precision=mixed_precision(tc, dev), cpu=dev.type == "cpu")
+    plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=tc.learning_rate,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_epsilon,
+        weight_decay=tc.weight_decay,
+        fused=tc.optim == "adamw_torch_fused" or None,
+    )
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * plan.total_steps)
+    scheduler = get_scheduler(
+        tc.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps
+    )
+    loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+
+    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
+    generations: dict[str, list[str]] = {}
+    if tc.predict_with_generate and prompts and resume_from is None:
+        with model.disable_adapter():
+            generations["before"] = run_generation(model, prepared, prompts, tc, "base model")
+
+    log = MetricsLog(out / "metrics.jsonl")
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "trained_tokens": 0,
+        "train_seconds": 0.0,
+        "window": None,
+    }
+    if resume_from is not None:
+        state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
+        log.truncate_after(state["step"])
+        print(
+            f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}",
+            file=sys.stderr,
+        )
+
+    loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
+
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    if tc.predict_with_generate and prompts:
+        generations["after"] = run_generation(model, prepared, prompts, tc, "fine-tuned model")
+    plot_losses(log.records, out / "loss.png")
+    evaluation = evaluate.compare(prompts, generations) if generations.get("after") else None
+    if evaluation:
+        (out / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+        print(evaluate.format_comparison(evaluation), file=sys.stderr)
+    write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started)
+    print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
+    return TrainResult(out, model, evaluation)
+
+
+def report_data(prepared: data.PreparedData) -> None:
+    print(data.summary(prepared, "train"), file=sys.stderr)
+    if prepared.eval is not None and prepared.eval.samples:
+        print(data.summary(prepared, "eval"), file=sys.stderr)
+    if prepared.skipped:
+        print(
+            f"philora: skipped {len(prepared.skipped)} bad rows (data.on_bad_row: skip), first: {prepared.skipped[0]}",
+            file=sys.stderr,
+        )
+
+
+def run_generation(model: Any, prepared: data.PreparedData, prompts: list, tc: TrainingSection, who: str) -> list:
+    tick = time.perf_counter()
+    answers = evaluate.generate(
+        model,
+        prepared.encoder,
+        [p for p, _ in prompts],
+        tc.generation_max_length,
+        tc.per_device_eval_batch_size,
+    )
+    print(
+        f"philora: answered {len(prompts)} eval prompts with the {who} in {time.perf_counter() - tick:.0f}s",
+        file=sys.stderr,
+    )
+    return answers
+
+
+def loop(
+    config: Config,
+    plan: Plan,
+    prepared: data.PreparedData,
+    model: Any,
+    loss_fn: Any,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Any,
+    log: MetricsLog,
+    state: dict[str, Any],
+) -> None:
+    """The optimizer steps from state['step'] to plan.total_steps, with logging, eval and checkpoints."""
+    from tqdm.auto import tqdm
+
+    tc, out = config.training_config, Path(config.training_config.output_dir)
+    samples, pad_id = prepared.train.samples, prepared.encoder.tokenizer.pad_token_id
+    eval_samples = prepared.eval.samples if prepared.eval else []
+    eval_every = tc.eval_steps or tc.logging_steps
+    # Sums since the last log line; part of the checkpoint so a resumed run logs the same values.
+    window = state["window"] or {"loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
+    bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    loss_fn.train()
+    while state["step"] < plan.total_steps:
+        step, tick = state["step"], time.perf_counter()
+        batches = [collate(samples, rows, pad_id) for rows in plan.micro_batches(step)]
+        # Normalise by the trained tokens of the whole step, so each token weighs the same in every micro-batch.
+        step_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            accelerator.backward(loss_sum / max(step_trained, 1))
+            step_loss += loss_sum.item()
+        if not math.isfinite(step_loss):
+            last = checkpoint.checkpoints(out)
+            raise LossDiverged(
+                f"training: the loss became {step_loss} at step {step + 1}; lower training_config.learning_rate "
+                f"or check the data" + (f"; the last good checkpoint is {last[-1]}" if last else "")
+            )
+        grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - tick
+        tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
+        state.update(
+            step=step + 1,
+            tokens=state["tokens"] + tokens,
+            train_seconds=state["train_seconds"] + seconds,
+            trained_tokens=state["trained_tokens"] + step_trained,
+        )
+        for key, value in (
+            ("loss", step_loss),
+            ("tokens", tokens),
+            ("trained", step_trained),
+            ("seconds", seconds),
+        ):
+            window[key] += value
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{step_loss / max(step_trained, 1):.3f}",
+            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            tok_s=f"{window['tokens'] / window['seconds']:.0f}",
+            refresh=False,
+        )
+        done = state["step"]
+        epoch_end = plan.epoch_of(done - 1) >= math.ceil(plan.epoch_of(done - 2)) if done > 1 else False
+        if tc.logging_strategy != "no" and (
+            done % tc.logging_steps == 0
+            or done == plan.total_steps
+            or (tc.logging_first_step and done == 1)
+            or (tc.logging_strategy == "epoch" and epoch_end)
+        ):
+            log.write(
+                {
+                    "step": done,
+                    "epoch": round(plan.epoch_of(done - 1), 4),
+                    "loss": window["loss"] / max(window["trained"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens_per_s": window["tokens"] / window["seconds"],
+                    "tokens": state["tokens"],
+                    "elapsed_s": round(state["train_seconds"], 2),
+                }
+            )
+            window = dict.fromkeys(window, 0)
+        wants_eval = (tc.eval_strategy == "steps" and done % eval_every == 0) or (
+            tc.eval_strategy == "epoch" and epoch_end
+        )
+        final_eval = done == plan.total_steps and (tc.do_eval or tc.eval_strategy != "no")
+        if eval_samples and (wants_eval or final_eval):
+            eval_loss = evaluate.eval_loss(loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
+            log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+            bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
+            plot_losses(log.records, out / "loss.png")
+        wants_save = (tc.save_strategy == "steps" and done % tc.save_steps == 0) or (
+            tc.save_strategy == "epoch" and epoch_end
+        )
+        if wants_save and done < plan.total_steps:
+            progress = {**state, "window": window}
+            checkpoint.save(
+                out,
+                model,
+                optimizer,
+                scheduler,
+                {"step": done, "progress": progress, "config": config.to_dict()},
+                tc.save_total_limit,
+            )
+    bar.close()

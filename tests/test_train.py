@@ -1,0 +1,158 @@
+"""The training loop end to end on a tiny Phi-3: files written, LoRA moved, base untouched, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl, write_yaml
+from safetensors.torch import load_file
+
+from philora import checkpoint, cli
+from philora.config import load_config
+from philora.train import train
+
+
+def tiny_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], **training: object) -> Path:
+    settings = {
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.01,
+        "logging_steps": 2,
+        "save_steps": 3,
+        "eval_strategy": "steps",
+        "eval_steps": 3,
+        "predict_with_generate": True,
+        "generation_max_length": 8,
+        "seed": 7,
+        **training,
+    }
+    lines = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
+    return write_yaml(
+        tmp_path / "tiny.yaml",
+        f"""
+model: {{name_or_path: {tiny_phi3}, dtype: float32}}
+data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 512}}
+peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.1}}
+training_config:
+{lines}
+""",
+    )
+
+
+def test_tiny_train_writes_a_complete_run(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["train", "--config", str(tiny_config(tmp_path, tiny_phi3, tiny_data)), "--output", str(out)]) == 0
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "run.json",
+        "loss.png",
+        "eval.json",
+        "checkpoints/step-3/state.json",
+        "checkpoints/step-3/trainer.pt",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in records if "loss" in r)
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 6 and run["seed"] == 7 and len(run["data"]["sha256"]) == 64
+    assert run["config"]["peft_config"]["r"] == 4 and run["versions"]["peft"]
+    assert run["wall_seconds"] > 0 and run["generation_eval"]["prompts"] == 6
+    adapter = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+
+
+def test_lora_moves_base_stays_and_plain_peft_reproduces_the_model(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(
+        str(tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False)),
+        [f"training_config.output_dir={tmp_path / 'out'}"],
+    )
+    result = train(config)
+    original = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    trained = result.model
+    base_after = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in trained.named_parameters()
+        if "lora_" not in n
+    }
+    for name, param in original.named_parameters():
+        assert torch.equal(param, base_after[name]), f"base weight {name} changed"
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "LoRA B (zero at init) did not move"
+
+    reloaded = PeftModel.from_pretrained(original, result.output_dir / "adapter").eval()
+    ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-6)
+        with reloaded.disable_adapter():
+            assert not torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-4)
+
+
+def test_resume_continues_exactly(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, save_steps=2)
+    whole = train(load_config(str(path), [f"training_config.output_dir={tmp_path / 'whole'}"])).output_dir
+
+    real_save = checkpoint.save
+
+    def save_then_die(*args: object, **kwargs: object) -> Path:
+        saved = real_save(*args, **kwargs)
+        if saved.name == "step-4":
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    cut = tmp_path / "cut"
+    assert cli.main(["train", "--config", str(path), "--output", str(cut)]) == 130
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert not (cut / "adapter").exists()
+    assert cli.main(["train", "--config", str(path), "--output", str(cut)]) == 2  # refuses to start over it
+    assert cli.main(["train", "--config", str(path), "--output", str(cut), "--resume"]) == 0
+
+    a, b = (load_file(d / "adapter/adapter_model.safetensors") for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r.get("loss"), r.get("eval_loss")] for r in read_jsonl(whole / "metrics.jsonl")]
+    assert losses == [[r.get("loss"), r.get("eval_loss")] for r in read_jsonl(cut / "metrics.jsonl")]
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=3, save_steps=2)
+    out = tmp_path / "out"
+    assert cli.main(["train", "--config", str(path), "--output", str(out)]) == 0
+    with pytest.raises(Exception, match=r"training_config\.learning_rate: 0\.01 in the checkpoint, 0\.02 now"):
+        train(
+            load_config(str(path), [f"training_config.output_dir={out}", "training_config.learning_rate=0.02"]),
+            resume=True,
+        )
+
+
+def test_wrong_target_names_exit_2(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data)
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--output",
+            str(tmp_path / "o"),
+            "--set",
+            "peft_config.target_modules=[q_proj,v_proj]",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "q_proj, v_proj match no module of Phi3ForCausalLM" in err and "Traceback" not in err
