@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from philora.errors import UserError
-from philora.validate import check_type, coerce_numeric
+from philora.validate import check_type, check_values, coerce_numeric
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -203,8 +203,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
-    config = _build(raw, problems, place=lambda key: f"{source}:{lines[key]}" if key in lines else str(source))
-    problems += _check_values(config)
+
+    def place(key: str) -> str:
+        return f"{source}:{lines[key]}" if key in lines else str(source)
+
+    config = _build(raw, problems, place)
+    problems += check_values(config, place)
     if problems:
         raise UserError(*problems)
     return config
@@ -290,95 +294,6 @@ def _build(raw: dict[str, Any], problems: list[str], place: Any) -> Config:
             values[key] = value
         sections[name] = cls(**values)
     return Config(**sections)
-
-
-def _check_values(c: Config) -> list[str]:
-    """Values that have the right type but cannot work, each with the fix."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, value: Any, what: str) -> None:
-        if not ok:
-            problems.append(f"{key}: {value!r} is not allowed; {what}")
-
-    p, t, d = c.peft_config, c.training_config, c.data
-    need(p.r >= 1, "peft_config.r", p.r, "use a rank >= 1 (8-64 is typical)")
-    need(p.lora_alpha > 0, "peft_config.lora_alpha", p.lora_alpha, "use a positive value (often 2*r)")
-    need(0 <= p.lora_dropout < 1, "peft_config.lora_dropout", p.lora_dropout, "use a value in [0, 1)")
-    if isinstance(p.target_modules, list):
-        need(
-            len(p.target_modules) > 0,
-            "peft_config.target_modules",
-            p.target_modules,
-            "name at least one module",
-        )
-    else:
-        need(
-            p.target_modules == "all-linear",
-            "peft_config.target_modules",
-            p.target_modules,
-            "use all-linear or a list of module names",
-        )
-    need(t.learning_rate > 0, "training_config.learning_rate", t.learning_rate, "use a positive value")
-    need(t.num_train_epochs > 0, "training_config.num_train_epochs", t.num_train_epochs, "use a positive value")
-    need(t.max_steps == -1 or t.max_steps >= 1, "training_config.max_steps", t.max_steps, "use -1 or >= 1")
-    for key in (
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "save_steps",
-        "generation_max_length",
-    ):
-        need(getattr(t, key) >= 1, f"training_config.{key}", getattr(t, key), "use a value >= 1")
-    need(0 <= t.warmup_ratio <= 1, "training_config.warmup_ratio", t.warmup_ratio, "use a value in [0, 1]")
-    need(t.warmup_steps >= 0, "training_config.warmup_steps", t.warmup_steps, "use a value >= 0")
-    need(t.max_grad_norm >= 0, "training_config.max_grad_norm", t.max_grad_norm, "use >= 0 (0 = no clipping)")
-    need(t.weight_decay >= 0, "training_config.weight_decay", t.weight_decay, "use a value >= 0")
-    need(
-        0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1,
-        "training_config.adam_beta1/adam_beta2",
-        (t.adam_beta1, t.adam_beta2),
-        "use values in [0, 1)",
-    )
-    need(t.eval_steps is None or t.eval_steps >= 1, "training_config.eval_steps", t.eval_steps, "use >= 1")
-    need(
-        t.save_total_limit is None or t.save_total_limit >= 1,
-        "training_config.save_total_limit",
-        t.save_total_limit,
-        "use >= 1, or null to keep every checkpoint",
-    )
-    need(not (t.bf16 and t.fp16), "training_config.bf16/fp16", "both true", "choose one")
-    need(
-        t.remove_unused_columns,
-        "training_config.remove_unused_columns",
-        False,
-        "philora always keeps only the token columns; remove the key or set it to true",
-    )
-    extra = set(t.gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
-    need(
-        not extra,
-        "training_config.gradient_checkpointing_kwargs",
-        sorted(extra),
-        "only use_reentrant is supported",
-    )
-    need(d.max_length >= 16, "data.max_length", d.max_length, "use at least 16 tokens")
-    need(
-        d.max_eval_samples is None or d.max_eval_samples >= 1,
-        "data.max_eval_samples",
-        d.max_eval_samples,
-        "use >= 1 or null",
-    )
-    if isinstance(d.eval, float):
-        need(0 < d.eval <= 0.5, "data.eval", d.eval, "a held-out fraction must be in (0, 0.5]")
-    if d.eval is not None and d.train is None and not isinstance(d.eval, str):
-        problems.append("data.eval: a fraction needs data.train; the sample dataset has its own eval split")
-    need(
-        not (c.model.quantization and c.model.dtype == "float16" and t.bf16),
-        "model.quantization",
-        c.model.quantization,
-        "4-bit compute is bf16 here; do not combine dtype float16 with bf16",
-    )
-    return problems
 
 
 def dump_documented(config: Config) -> str:

@@ -123,10 +123,12 @@ def format_comparison(evaluation: dict[str, Any]) -> str:
     lines.append("  " + "metric".ljust(14) + "".join(name.rjust(9) for name in runs))
     for metric in evaluation[runs[-1]]:
         lines.append("  " + metric.ljust(14) + "".join(f"{100 * evaluation[n][metric]:8.1f}%" for n in runs))
-    example = next(
-        (s for s in evaluation["samples"] if s.get("after", "").strip() == s["reference"].strip()),
-        evaluation["samples"][0],
-    )
+
+    # Show a single-turn prompt the fine-tuned model got right, if there is one: it reads on its own.
+    def fits(s: dict[str, Any]) -> bool:
+        return len(s["prompt"]) <= 2 and s.get("after", "").strip() == s["reference"].strip()
+
+    example = next((s for s in evaluation["samples"] if fits(s)), evaluation["samples"][0])
     lines.append(f"  example prompt: {example['prompt'][-1]['content']!r}")
     for name in runs:
         lines.append(f"  {name:>6}: {example[name]!r}")

@@ -16,6 +16,7 @@ import torch
 from philora import checkpoint, data, evaluate, hardware
 from philora.config import Config, TrainingSection
 from philora.data.batching import Row, collate, one_per_row, pack
+from philora.data.render import IGNORE
 from philora.errors import UserError
 from philora.logs import MetricsLog, plot_losses
 from philora.lora.targets import apply_lora
@@ -61,8 +62,12 @@ class Plan:
             out.append([self.rows[i] for i in picked])
         return out
 
-    def epoch_of(self, step: int) -> float:
-        return (step + 1) * self.accumulation / self.per_epoch
+    def epochs_done(self, steps: int) -> float:
+        return steps * self.accumulation / self.per_epoch
+
+    def ends_epoch(self, steps: int) -> bool:
+        """Whether optimizer step number `steps` (from 1) consumed the last micro-batch of an epoch."""
+        return steps * self.accumulation // self.per_epoch > (steps - 1) * self.accumulation // self.per_epoch
 
 
 def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool) -> Plan:
@@ -102,30 +107,51 @@ def mixed_precision(tc: TrainingSection, dev: torch.device) -> str:
 
 
 def set_log_level(level: str) -> None:
+    """transformers' verbosity per training_config.log_level; `passive` leaves it alone."""
     if level != "passive":
         import transformers
 
-        transformers.logging.set_verbosity(
-            transformers.logging.get_verbosity() if level == "passive" else getattr(transformers.logging, level.upper())
-        )
+        transformers.logging.set_verbosity(getattr(transformers.logging, level.upper()))
+
+
+def check_resume(out: Path, resume: str | bool | None, config: Config) -> Path | None:
+    """The checkpoint to resume from (refusing one written with different settings), or None for a new run."""
+    if not resume:
+        prepare_output_dir(out, config.training_config.overwrite_output_dir)
+        return None
+    path = checkpoint.find_resume_point(out, resume)
+    saved = json.loads((path / "state.json").read_text())
+    if diffs := checkpoint.config_differences(saved["config"], config.to_dict()):
+        raise UserError(*(f"--resume {path}: {d}; resume with the same settings" for d in diffs))
+    return path
+
+
+def make_optimizer(model: Any, tc: TrainingSection, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable (LoRA) parameters, and the warmup + decay schedule."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=tc.learning_rate,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_epsilon,
+        weight_decay=tc.weight_decay,
+        fused=tc.optim == "adamw_torch_fused" or None,
+    )
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
+    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return optimizer, scheduler
 
 
 def train(config: Config, resume: str | bool | None = None) -> TrainResult:
-    """Run a whole training job per `config`."""
+    """Run a whole training job per `config`: data, model, LoRA, the loop, then adapter and records."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     started = time.time()
     tc = config.training_config
     out = Path(tc.output_dir)
-    resume_from = checkpoint.find_resume_point(out, resume) if resume else None
-    if resume_from is not None:
-        saved = json.loads((resume_from / "state.json").read_text())
-        if diffs := checkpoint.config_differences(saved["config"], config.to_dict()):
-            raise UserError(*(f"--resume {resume_from}: {d}; resume with the same settings" for d in diffs))
-    else:
-        prepare_output_dir(out, tc.overwrite_output_dir)
+    resume_from = check_resume(out, resume, config)
     set_log_level(tc.log_level)
     set_seed(tc.seed)
 
@@ -140,52 +166,30 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     dev = hardware.device()
     accelerator = Accelerator(mixed_precision=mixed_precision(tc, dev), cpu=dev.type == "cpu")
     plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=tc.learning_rate,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_epsilon,
-        weight_decay=tc.weight_decay,
-        fused=tc.optim == "adamw_torch_fused" or None,
-    )
-    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * plan.total_steps)
-    scheduler = get_scheduler(
-        tc.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps
-    )
+    optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
 
-    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
-    generations: dict[str, list[str]] = {}
-    if tc.predict_with_generate and prompts and resume_from is None:
-        with model.disable_adapter():
-            generations["before"] = run_generation(model, prepared, prompts, tc, "base model")
-
     log = MetricsLog(out / "metrics.jsonl")
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens": 0,
-        "trained_tokens": 0,
-        "train_seconds": 0.0,
-        "window": None,
-    }
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
+    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
+    want_generations = tc.predict_with_generate and bool(prompts)
     if resume_from is not None:
         state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
         log.truncate_after(state["step"])
-        print(
-            f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}",
-            file=sys.stderr,
-        )
+        print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
+    elif want_generations:
+        with model.disable_adapter():
+            state["answers_before"] = run_generation(model, prepared, prompts, tc, "base model")
 
     loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
 
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
-    if tc.predict_with_generate and prompts:
-        generations["after"] = run_generation(model, prepared, prompts, tc, "fine-tuned model")
     plot_losses(log.records, out / "loss.png")
-    evaluation = evaluate.compare(prompts, generations) if generations.get("after") else None
-    if evaluation:
+    evaluation = None
+    if want_generations:
+        after = run_generation(model, prepared, prompts, tc, "fine-tuned model")
+        evaluation = evaluate.compare(prompts, {"before": state["answers_before"], "after": after})
         (out / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
         print(evaluate.format_comparison(evaluation), file=sys.stderr)
     write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started)
@@ -220,6 +224,35 @@ def run_generation(model: Any, prepared: data.PreparedData, prompts: list, tc: T
     return answers
 
 
+def due(strategy: str, every: int, done: int, plan: Plan) -> bool:
+    """Whether a steps/epoch/no strategy fires after optimizer step `done` (counted from 1)."""
+    if strategy == "steps":
+        return done % every == 0
+    return strategy == "epoch" and plan.ends_epoch(done)
+
+
+def optimizer_step(loss_fn: Any, batches: list[dict[str, torch.Tensor]], accelerator: Any, tc: TrainingSection,
+                   optimizer: Any, scheduler: Any) -> tuple[float, int, float | None]:  # fmt: skip
+    """Forward/backward over the step's micro-batches, clip, step. Returns (summed loss, trained tokens, grad norm).
+
+    Each micro-batch's summed loss is divided by the trained tokens of the whole step, so every token weighs the
+    same however the step is split (a plain mean per micro-batch would over-weight short ones)."""
+    trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
+        accelerator.backward(loss_sum / max(trained, 1))
+        total += loss_sum.item()
+    grad_norm = None
+    if math.isfinite(total):
+        if tc.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(loss_fn.parameters(), tc.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, trained, grad_norm
+
+
 def loop(
     config: Config,
     plan: Plan,
@@ -238,95 +271,48 @@ def loop(
     tc, out = config.training_config, Path(config.training_config.output_dir)
     samples, pad_id = prepared.train.samples, prepared.encoder.tokenizer.pad_token_id
     eval_samples = prepared.eval.samples if prepared.eval else []
-    eval_every = tc.eval_steps or tc.logging_steps
     # Sums since the last log line; part of the checkpoint so a resumed run logs the same values.
     window = state["window"] or {"loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
     bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     loss_fn.train()
     while state["step"] < plan.total_steps:
-        step, tick = state["step"], time.perf_counter()
-        batches = [collate(samples, rows, pad_id) for rows in plan.micro_batches(step)]
-        # Normalise by the trained tokens of the whole step, so each token weighs the same in every micro-batch.
-        step_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
-            accelerator.backward(loss_sum / max(step_trained, 1))
-            step_loss += loss_sum.item()
-        if not math.isfinite(step_loss):
+        tick = time.perf_counter()
+        batches = [collate(samples, rows, pad_id) for rows in plan.micro_batches(state["step"])]
+        loss, trained, grad_norm = optimizer_step(loss_fn, batches, accelerator, tc, optimizer, scheduler)
+        done = state["step"] + 1
+        if not math.isfinite(loss):
             last = checkpoint.checkpoints(out)
             raise LossDiverged(
-                f"training: the loss became {step_loss} at step {step + 1}; lower training_config.learning_rate "
-                f"or check the data" + (f"; the last good checkpoint is {last[-1]}" if last else "")
+                f"training: the loss became {loss} at step {done}; lower training_config.learning_rate or check "
+                "the data" + (f"; the last good checkpoint is {last[-1]}" if last else "")
             )
-        grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
         seconds = time.perf_counter() - tick
         tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
-        state.update(
-            step=step + 1,
-            tokens=state["tokens"] + tokens,
-            train_seconds=state["train_seconds"] + seconds,
-            trained_tokens=state["trained_tokens"] + step_trained,
-        )
-        for key, value in (
-            ("loss", step_loss),
-            ("tokens", tokens),
-            ("trained", step_trained),
-            ("seconds", seconds),
-        ):
-            window[key] += value
+        state.update(step=done, tokens=state["tokens"] + tokens, trained_tokens=state["trained_tokens"] + trained,
+                     train_seconds=state["train_seconds"] + seconds)  # fmt: skip
+        window = {"loss": window["loss"] + loss, "tokens": window["tokens"] + tokens,
+                  "trained": window["trained"] + trained, "seconds": window["seconds"] + seconds}  # fmt: skip
+        lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss / max(step_trained, 1):.3f}",
-            lr=f"{scheduler.get_last_lr()[0]:.2e}",
-            tok_s=f"{window['tokens'] / window['seconds']:.0f}",
-            refresh=False,
-        )
-        done = state["step"]
-        epoch_end = plan.epoch_of(done - 1) >= math.ceil(plan.epoch_of(done - 2)) if done > 1 else False
+        bar.set_postfix(loss=f"{loss / max(trained, 1):.3f}", lr=f"{lr:.2e}",
+                        tok_s=f"{window['tokens'] / window['seconds']:.0f}", refresh=False)  # fmt: skip
+
+        last_step = done == plan.total_steps
         if tc.logging_strategy != "no" and (
-            done % tc.logging_steps == 0
-            or done == plan.total_steps
-            or (tc.logging_first_step and done == 1)
-            or (tc.logging_strategy == "epoch" and epoch_end)
+            due(tc.logging_strategy, tc.logging_steps, done, plan) or last_step or (tc.logging_first_step and done == 1)
         ):
-            log.write(
-                {
-                    "step": done,
-                    "epoch": round(plan.epoch_of(done - 1), 4),
-                    "loss": window["loss"] / max(window["trained"], 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens_per_s": window["tokens"] / window["seconds"],
-                    "tokens": state["tokens"],
-                    "elapsed_s": round(state["train_seconds"], 2),
-                }
-            )
+            log.write({"step": done, "epoch": round(plan.epochs_done(done), 4),
+                       "loss": window["loss"] / max(window["trained"], 1), "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": window["tokens"] / window["seconds"], "tokens": state["tokens"],
+                       "elapsed_s": round(state["train_seconds"], 2)})  # fmt: skip
             window = dict.fromkeys(window, 0)
-        wants_eval = (tc.eval_strategy == "steps" and done % eval_every == 0) or (
-            tc.eval_strategy == "epoch" and epoch_end
-        )
-        final_eval = done == plan.total_steps and (tc.do_eval or tc.eval_strategy != "no")
-        if eval_samples and (wants_eval or final_eval):
+        final_eval = last_step and (tc.do_eval or tc.eval_strategy != "no")
+        if eval_samples and (due(tc.eval_strategy, tc.eval_steps or tc.logging_steps, done, plan) or final_eval):
             eval_loss = evaluate.eval_loss(loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
             log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
             bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
             plot_losses(log.records, out / "loss.png")
-        wants_save = (tc.save_strategy == "steps" and done % tc.save_steps == 0) or (
-            tc.save_strategy == "epoch" and epoch_end
-        )
-        if wants_save and done < plan.total_steps:
-            progress = {**state, "window": window}
-            checkpoint.save(
-                out,
-                model,
-                optimizer,
-                scheduler,
-                {"step": done, "progress": progress, "config": config.to_dict()},
-                tc.save_total_limit,
-            )
+        if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
+            saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict()}
+            checkpoint.save(out, model, optimizer, scheduler, saved, tc.save_total_limit)
     bar.close()

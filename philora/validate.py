@@ -1,10 +1,15 @@
-"""Type checks for config values against their dataclass annotations, with messages a user can act on."""
+"""Config checks with messages a user can act on: types against the dataclass annotations, then values that
+cannot work (ranges, combinations)."""
 
 from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Literal, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if TYPE_CHECKING:
+    from philora.config import Config
 
 
 def describe(tp: Any) -> str:
@@ -57,3 +62,60 @@ def coerce_numeric(value: Any, tp: Any) -> Any:
             except ValueError:
                 continue
     return value
+
+
+# (section.key, test, fix) for values that have the right type but cannot work.
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("peft_config.r", lambda v: v >= 1, "use a rank >= 1 (8-64 is typical)"),
+    ("peft_config.lora_alpha", lambda v: v > 0, "use a positive value (often 2*r)"),
+    ("peft_config.lora_dropout", lambda v: 0 <= v < 1, "use a value in [0, 1)"),
+    ("peft_config.target_modules", lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
+     "use all-linear or a non-empty list of module names"),
+    ("training_config.learning_rate", lambda v: v > 0, "use a positive value"),
+    ("training_config.num_train_epochs", lambda v: v > 0, "use a positive value"),
+    ("training_config.max_steps", lambda v: v == -1 or v >= 1, "use -1 (derive from epochs) or >= 1"),
+    ("training_config.per_device_train_batch_size", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.per_device_eval_batch_size", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.gradient_accumulation_steps", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.logging_steps", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.save_steps", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.eval_steps", lambda v: v is None or v >= 1, "use a value >= 1, or null for logging_steps"),
+    ("training_config.save_total_limit", lambda v: v is None or v >= 1, "use >= 1, or null to keep every checkpoint"),
+    ("training_config.generation_max_length", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.warmup_ratio", lambda v: 0 <= v <= 1, "use a value in [0, 1]"),
+    ("training_config.warmup_steps", lambda v: v >= 0, "use a value >= 0"),
+    ("training_config.max_grad_norm", lambda v: v >= 0, "use >= 0 (0 = no clipping)"),
+    ("training_config.weight_decay", lambda v: v >= 0, "use a value >= 0"),
+    ("training_config.adam_beta1", lambda v: 0 <= v < 1, "use a value in [0, 1)"),
+    ("training_config.adam_beta2", lambda v: 0 <= v < 1, "use a value in [0, 1)"),
+    ("training_config.remove_unused_columns", lambda v: v,
+     "philora always keeps only the token columns; remove the key or set it to true"),
+    ("training_config.gradient_checkpointing_kwargs", lambda v: set(v or {}) <= {"use_reentrant"},
+     "only use_reentrant is supported"),
+    ("data.max_length", lambda v: v >= 16, "use at least 16 tokens"),
+    ("data.max_eval_samples", lambda v: v is None or v >= 1, "use >= 1, or null for all"),
+    ("data.eval", lambda v: not isinstance(v, float) or 0 < v <= 0.5, "a held-out fraction must be in (0, 0.5]"),
+]  # fmt: skip
+
+
+def check_values(config: Config, place: Callable[[str], str]) -> list[str]:
+    """Every value that cannot work, as '<file:line>: section.key: <value> is not allowed; <fix>'."""
+    problems = []
+    for key, ok, fix in RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not ok(value):
+            problems.append(f"{place(key)}: {key}: {value!r} is not allowed; {fix}")
+    t, d = config.training_config, config.data
+    if t.bf16 and t.fp16:
+        problems.append(f"{place('training_config.fp16')}: training_config.bf16/fp16: both true; choose one")
+    if d.train is not None and d.eval is None:
+        for key, on in (("predict_with_generate", t.predict_with_generate), ("do_eval", t.do_eval),
+                        ("eval_strategy", t.eval_strategy != "no")):  # fmt: skip
+            if on:
+                problems.append(f"{place('training_config.' + key)}: training_config.{key}: needs eval data; "
+                                "set data.eval to a file or a fraction of train")  # fmt: skip
+    if d.train is None and isinstance(d.eval, float):
+        problems.append(f"{place('data.eval')}: data.eval: a fraction needs data.train; the sample dataset has "
+                        "its own eval split")  # fmt: skip
+    return problems

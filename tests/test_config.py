@@ -85,7 +85,7 @@ def test_three_mistakes_three_lines_exit_2(tmp_path: Path, capsys: pytest.Captur
     assert f"{bad}:2: model.dtype: expected one of auto, bfloat16, float16, float32, got 'float64'" in lines[0]
     assert "training_config.learnin_rate: unknown key; did you mean learning_rate?" in lines[1]
     assert f"{bad}:6:" in lines[1]
-    assert "peft_config.r: 0 is not allowed" in lines[2]
+    assert f"{bad}:4: peft_config.r: 0 is not allowed" in lines[2]
     assert "Traceback" not in "\n".join(lines)
 
 
@@ -116,6 +116,7 @@ def test_set_overrides(tmp_path: Path) -> None:
             "peft_config.target_modules=[qkv_proj,o_proj]",
             "training_config.learning_rate=5e-6",
             "data.train=x.jsonl",
+            "data.eval=0.1",
         ],
     )
     assert config.training_config.max_steps == 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,20 @@ def test_selective_head_loss_equals_the_models_own_loss(tiny_phi3: Path, tokeniz
         ours, n = TokenLoss(model)(**batch)
         reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours / n, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_dataset_is_generated_varied_and_held_out() -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts/make_sample_data.py"), "--check"], check=True)
+    train, evals = (read_jsonl(data.SAMPLE_DIR / f"{name}.jsonl") for name in ("train", "eval"))
+    assert not train.problems and not evals.problems
+    rows = train.conversations
+    assert len(rows) >= 300
+    assert sum(c.messages[0]["role"] == "system" for c in rows) >= 50
+    assert sum(sum(m["role"] == "assistant" for m in c.messages) > 1 for c in rows) >= 50
+
+    def people(conversations: list) -> set[str]:
+        return {json.loads(m["content"])["name"] for c in conversations for m in c.messages if m["role"] == "assistant"}
+
+    assert not people(rows) & people(evals.conversations)
+    assert not {json.dumps(c.messages) for c in rows} & {json.dumps(c.messages) for c in evals.conversations}

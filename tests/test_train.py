@@ -156,3 +156,32 @@ def test_wrong_target_names_exit_2(
     )
     err = capsys.readouterr().err
     assert code == 2 and "q_proj, v_proj match no module of Phi3ForCausalLM" in err and "Traceback" not in err
+
+
+def test_qlora_trains_on_a_4bit_base(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    pytest.importorskip("bitsandbytes")
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=2, eval_strategy="no")
+    config = load_config(str(path), ["model.quantization=4bit", "model.dtype=bfloat16",
+                                     f"training_config.output_dir={tmp_path / 'q'}"])  # fmt: skip
+    result = train(config)
+    layer = result.model.base_model.model.model.layers[0].self_attn.qkv_proj
+    assert type(layer.base_layer).__name__ == "Linear4bit"
+    records = read_jsonl(result.output_dir / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    assert (result.output_dir / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
+    from philora.train import Plan, due
+
+    plan = Plan(rows=[[i] for i in range(10)], batch_size=3, accumulation=2, total_steps=4, seed=5)
+    assert plan.per_epoch == 4  # micro-batches of 3, 3, 3, 1
+    first_epoch = [row[0] for step in (0, 1) for batch in plan.micro_batches(step) for row in batch]
+    second_epoch = [row[0] for step in (2, 3) for batch in plan.micro_batches(step) for row in batch]
+    assert sorted(first_epoch) == sorted(second_epoch) == list(range(10))
+    assert first_epoch != second_epoch  # reshuffled each epoch
+    assert plan.micro_batches(1) == Plan([[i] for i in range(10)], 3, 2, 4, seed=5).micro_batches(1)
+    assert [plan.ends_epoch(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    assert [due("epoch", 1, s, plan) for s in (1, 2)] == [False, True]
+    assert [due("steps", 3, s, plan) for s in (2, 3)] == [False, True]
+    assert not due("no", 1, 2, plan)
