@@ -185,3 +185,14 @@ def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
     assert [due("epoch", 1, s, plan) for s in (1, 2)] == [False, True]
     assert [due("steps", 3, s, plan) for s in (2, 3)] == [False, True]
     assert not due("no", 1, 2, plan)
+
+
+def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    """The path `dtype: auto` takes on CPUs with native bf16 (AMX) and on GPUs."""
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=3, eval_strategy="no")
+    result = train(load_config(str(path), ["model.dtype=bfloat16", f"training_config.output_dir={tmp_path / 'b'}"]))
+    dtypes = {n: p.dtype for n, p in result.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    losses = [r["loss"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
+    assert losses and all(0 < loss < 20 for loss in losses)
