@@ -145,8 +145,8 @@ SECTIONS: dict[str, type] = {
 }
 
 # Names peft / transformers know that philora does not act on (yet). Saying so beats "unknown key".
+# (LoraConfig's own field names are added when needed: importing peft here would slow every import.)
 NOT_HONOURED = {
-    "peft_config": {f.name for f in dataclasses.fields(__import__("peft").LoraConfig)},
     "training_config": {
         "report_to",
         "torch_compile",
@@ -220,8 +220,12 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the config ({e})") from None
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()  # kept for the line numbers of keys
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -261,6 +265,12 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
         problems.append(f"--set {item}: section {parts[0]} is not a mapping in the config file")
 
 
+def _is_lora_option(key: str) -> bool:
+    from peft import LoraConfig
+
+    return key in {f.name for f in dataclasses.fields(LoraConfig)}
+
+
 def _suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.7)
     return f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(options)}"
@@ -282,7 +292,7 @@ def _build(raw: dict[str, Any], problems: list[str], place: Any) -> Config:
         for key, value in given.items():
             where = f"{place(f'{name}.{key}')}: {name}.{key}"
             if key not in fields:
-                if key in NOT_HONOURED.get(name, ()):
+                if key in NOT_HONOURED.get(name, ()) or (name == "peft_config" and _is_lora_option(key)):
                     problems.append(f"{where}: philora does not honour this option yet; remove it")
                 else:
                     problems.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
