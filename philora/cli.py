@@ -41,6 +41,18 @@ def parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the resolved config, every field with its meaning")
     _config_args(config)
+
+    data = sub.add_parser("data", help="inspect training data").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    check = data.add_parser(
+        "check",
+        help="read and tokenise a data file as train would; report rows, rejects, lengths, masks (exit 2 on bad rows)",
+    )
+    check.add_argument("file", metavar="FILE", help="file, folder, saved datasets dir or hub id (owner/name:split)")
+    _config_args(check)
+    check.add_argument("--model", metavar="M", help="tokenizer of this model (model.name_or_path)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -50,10 +62,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if getattr(args, "output", None):
         overrides.append(f"training_config.output_dir={args.output}")
+    if getattr(args, "model", None):
+        overrides.append(f"model.name_or_path={args.model}")
     config = load_config(args.config, overrides)
     if args.command == "config":
         print(dump_documented(config), end="")
         return 0
+    if args.command == "data":
+        from philora.data.check import check
+
+        return check(config, args.file, as_json=args.json)
     from philora.train import train
 
     train(config, resume=args.resume)

@@ -51,13 +51,31 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str | None = doc(None, "training data: a .jsonl file; null = the shipped sample dataset")
+    train: str | None = doc(
+        None,
+        "training data: a .jsonl/.json/.csv/.parquet file, a folder of them, a saved datasets dir, or a hub "
+        "dataset id (owner/name or owner/name:split); null = the shipped sample dataset",
+    )
     eval: str | float | None = doc(
         None,
-        "held-out data: a .jsonl file, or a fraction (0-0.5) of train; null = none (sample: its eval split)",
+        "held-out data (same kinds as train), or a fraction (0-0.5] of train; null = none (sample: its eval split)",
     )
-    format: Literal["auto", "messages"] = doc("auto", "row format; messages = OpenAI chat {'messages': [...]}")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = doc(
+        "auto",
+        "row format, auto = detected per source from the first row's keys: messages (OpenAI chat), sharegpt "
+        "(conversations from/value), alpaca (instruction/input/output), prompt_completion, text (no template)",
+    )
+    columns: dict[str, str] | None = doc(
+        None,
+        "your field names for philora's, e.g. {prompt: question, completion: answer}; also role, content, "
+        "from, value inside messages",
+    )
     max_length: int = doc(2048, "longest tokenised conversation (or packed row) in tokens")
+    overlong: Literal["drop", "truncate", "split"] = doc(
+        "truncate",
+        "a conversation longer than max_length is dropped, truncated after the last answer that fits, or split "
+        "at user turns into several (the system prompt repeated); every one is counted in the report",
+    )
     packing: bool = doc(True, "pack conversations into rows of max_length; attention never crosses them")
     train_on: Literal["assistant", "last_assistant", "all"] = doc(
         "assistant", "which tokens carry loss: every assistant turn, only the last one, or the whole chat"
@@ -66,6 +84,8 @@ class DataSection:
         "error", "a malformed row stops the run (error) or is counted and skipped"
     )
     max_eval_samples: int | None = doc(None, "use at most this many eval conversations (null = all)")
+    cache: bool = doc(True, "keep tokenised data under the cache dir, keyed by content and settings")
+    num_proc: int | None = doc(None, "tokenising processes; null = all cores for 2000+ conversations")
 
 
 @dataclass

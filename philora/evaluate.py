@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from philora.data.batching import collate, one_per_row
-from philora.data.readers import Conversation
+from philora.data.formats import Conversation
 from philora.data.render import ChatEncoder, Sample
 
 

@@ -14,6 +14,7 @@ import torch
 from philora import __version__, hardware
 from philora.config import Config
 from philora.data import PreparedData
+from philora.data import report as data_report
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
 
@@ -46,14 +47,7 @@ def write_run_record(
         "versions": library_versions(),
         "command": sys.argv,
         "seed": config.training_config.seed,
-        "data": {
-            "files": [str(p) for p in prepared.files],
-            "sha256": prepared.sha256,
-            "train_conversations": len(prepared.train.samples),
-            "eval_conversations": len(prepared.eval.samples) if prepared.eval else 0,
-            "skipped_rows": len(prepared.skipped),
-            "dropped_too_long": prepared.train.dropped_too_long,
-        },
+        "data": data_report.as_record(prepared, config.data),
         "device": str(hardware.device()),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),

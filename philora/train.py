@@ -15,6 +15,7 @@ import torch
 
 from philora import checkpoint, data, evaluate, hardware
 from philora.config import Config, TrainingSection
+from philora.data import report as data_report
 from philora.data.batching import Row, collate, one_per_row, pack
 from philora.data.render import IGNORE
 from philora.errors import UserError
@@ -157,7 +158,9 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
 
     tokenizer = load_tokenizer(config.model)
     prepared = data.prepare(config.data, tokenizer, tc.seed)
-    report_data(prepared)
+    for line in data_report.describe(prepared, config.data, color=sys.stderr.isatty()):
+        print(f"philora: data: {line}", file=sys.stderr)
+    data.require_usable(prepared, config.data)
     model = load_model(config.model, training=True)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
@@ -195,17 +198,6 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
-
-
-def report_data(prepared: data.PreparedData) -> None:
-    print(data.summary(prepared, "train"), file=sys.stderr)
-    if prepared.eval is not None and prepared.eval.samples:
-        print(data.summary(prepared, "eval"), file=sys.stderr)
-    if prepared.skipped:
-        print(
-            f"philora: skipped {len(prepared.skipped)} bad rows (data.on_bad_row: skip), first: {prepared.skipped[0]}",
-            file=sys.stderr,
-        )
 
 
 def run_generation(model: Any, prepared: data.PreparedData, prompts: list, tc: TrainingSection, who: str) -> list:

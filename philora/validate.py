@@ -94,6 +94,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "only use_reentrant is supported"),
     ("data.max_length", lambda v: v >= 16, "use at least 16 tokens"),
     ("data.max_eval_samples", lambda v: v is None or v >= 1, "use >= 1, or null for all"),
+    ("data.num_proc", lambda v: v is None or v >= 1, "use >= 1, or null for all cores"),
     ("data.eval", lambda v: not isinstance(v, float) or 0 < v <= 0.5, "a held-out fraction must be in (0, 0.5]"),
 ]  # fmt: skip
 

@@ -69,3 +69,33 @@ def write_yaml(path: Path, text: str) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def phi3_style(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer random Phi-3 whose tokenizer has Phi-3's chat tokens (<|system|> <|user|> <|assistant|> <|end|>,
+    right-stripping like Phi-3's), eos = pad = <|endoftext|> and an <unk>, and no chat template of its own."""
+    from transformers import AddedToken, AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    path = tmp_path_factory.mktemp("phi3-style")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    chat_tokens = [AddedToken(t, rstrip=True, special=True, normalized=False) for t in PHI3_CHAT_TOKENS]
+    tokenizer.add_special_tokens(
+        {
+            "additional_special_tokens": chat_tokens,
+            "unk_token": "<unk>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+        }
+    )
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    config = Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+PHI3_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")

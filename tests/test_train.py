@@ -62,7 +62,9 @@ def test_tiny_train_writes_a_complete_run(tmp_path: Path, tiny_phi3: Path, tiny_
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in records if "loss" in r)
     run = json.loads((out / "run.json").read_text())
-    assert run["steps"] == 6 and run["seed"] == 7 and len(run["data"]["sha256"]) == 64
+    assert run["steps"] == 6 and run["seed"] == 7 and len(run["data"]["fingerprint"]) == 64
+    assert run["data"]["train"]["conversations"] == 24 and run["data"]["eval"]["conversations"] == 6
+    assert run["data"]["sources"][0]["rows"] == 24 and run["data"]["rejected_rows"] == 0
     assert run["config"]["peft_config"]["r"] == 4 and run["versions"]["peft"]
     assert run["wall_seconds"] > 0 and run["generation_eval"]["prompts"] == 6
     adapter = json.loads((out / "adapter/adapter_config.json").read_text())

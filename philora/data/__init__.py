@@ -1,4 +1,5 @@
-"""From data files to token samples: read, validate, render with loss masks, report what happened."""
+"""From data sources to token samples: read, detect the format, render with loss masks, fit to max_length,
+and account for every row (kept, cut, split, dropped, or rejected with its file:line and reason)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from philora.config import DataSection
-from philora.data.readers import Conversation, read_jsonl
-from philora.data.render import ChatEncoder, Sample, TemplateError
+from philora.data import cache
+from philora.data.encode import Outcome, encode_all
+from philora.data.formats import Columns, Conversation, RowProblem, check_columns, detect, to_conversation
+from philora.data.render import ChatEncoder, Sample
+from philora.data.sources import read_source
 from philora.errors import UserError
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
@@ -18,10 +22,39 @@ MAX_LISTED_PROBLEMS = 10
 
 
 @dataclass
+class Record:
+    conversation: Conversation
+    outcome: Outcome
+
+
+@dataclass
+class SourceData:
+    """One source, read and encoded."""
+
+    name: str
+    format: str
+    rows: int  # rows read, good and bad
+    records: list[Record]  # the rows that were not rejected
+    problems: list[str]  # the rejected rows, 'where: why', in file order
+    digest: str
+    from_cache: bool
+    untrained: int = 0  # rejected rows with no trained token (every answer train: false)
+
+
+@dataclass
 class Split:
-    conversations: list[Conversation]
-    samples: list[Sample]
-    dropped_too_long: int = 0
+    records: list[Record]
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return [r.conversation for r in self.records if r.outcome.samples]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for r in self.records for s in r.outcome.samples]
+
+    def count(self, fit: str) -> int:
+        return sum(r.outcome.fit == fit for r in self.records)
 
 
 @dataclass
@@ -29,94 +62,95 @@ class PreparedData:
     train: Split
     eval: Split | None
     encoder: ChatEncoder
-    files: list[Path]
-    skipped: list[str] = field(default_factory=list)  # problems of rows skipped under on_bad_row: skip
+    sources: list[SourceData]
+    problems: list[str] = field(default_factory=list)  # every rejected row of every source
 
     @property
-    def sha256(self) -> str:
-        """Hash of the data files' bytes, recorded in run.json."""
-        h = hashlib.sha256()
-        for path in self.files:
-            h.update(path.read_bytes())
-        return h.hexdigest()
+    def fingerprint(self) -> str:
+        """Hash of the sources' content, recorded in run.json."""
+        return hashlib.sha256("".join(s.digest for s in self.sources).encode()).hexdigest()
 
 
-def data_files(dc: DataSection) -> tuple[Path, Path | None]:
-    """The train file and eval file (None when eval is absent or a fraction of train)."""
+def source_specs(dc: DataSection) -> tuple[str, str | None]:
+    """The train source and the eval source (None when eval is absent or a fraction of train)."""
     if dc.train is None:
-        return SAMPLE_DIR / "train.jsonl", (Path(dc.eval) if isinstance(dc.eval, str) else SAMPLE_DIR / "eval.jsonl")
-    train = Path(dc.train).expanduser()
-    if not train.exists():
-        raise UserError(f"data.train: {dc.train}: no such file")
-    eval_path = Path(dc.eval).expanduser() if isinstance(dc.eval, str) else None
-    if eval_path is not None and not eval_path.exists():
-        raise UserError(f"data.eval: {dc.eval}: no such file")
-    return train, eval_path
+        sample_eval = str(SAMPLE_DIR / "eval.jsonl")
+        return str(SAMPLE_DIR / "train.jsonl"), dc.eval if isinstance(dc.eval, str) else sample_eval
+    return dc.train, dc.eval if isinstance(dc.eval, str) else None
+
+
+def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) -> SourceData:
+    """Read, convert and encode one source, reusing the cached encoding of identical inputs."""
+    source = read_source(spec, purpose)
+    columns = Columns(dc.columns)
+    fmt = detect(source, columns) if dc.format == "auto" else dc.format
+    check_columns(source, fmt, columns)
+    rows: list[Conversation | str] = []  # a conversation, or the problem that rejected the row
+    for raw in source.rows:
+        try:
+            rows.append(to_conversation(raw.value, raw.where, fmt, columns))
+        except RowProblem as e:
+            rows.append(f"{raw.where}: {e}")
+    conversations = [r for r in rows if isinstance(r, Conversation)]
+    digest = source.digest.hexdigest()
+    settings = (dc.train_on, dc.max_length, dc.overlong)
+    entry = cache.key(digest, fmt, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings)
+    outcomes = cache.load(entry) if dc.cache else None
+    from_cache = outcomes is not None and len(outcomes) == len(conversations)
+    if not from_cache:
+        outcomes = encode_all(conversations, encoder, settings, dc.num_proc)
+        if dc.cache:
+            cache.save(entry, outcomes)
+    assert outcomes is not None
+    found = iter(zip(conversations, outcomes, strict=True))
+    records, problems = [], []
+    for row in rows:
+        if isinstance(row, str):
+            problems.append(row)
+            continue
+        conversation, outcome = next(found)
+        if outcome.problem:
+            problems.append(f"{conversation.source}: {outcome.problem}")
+        else:
+            records.append(Record(conversation, outcome))
+    untrained = sum(o.fit == "untrained" for o in outcomes)
+    return SourceData(spec, fmt, len(rows), records, problems, digest, from_cache, untrained)
 
 
 def prepare(dc: DataSection, tokenizer: Any, seed: int) -> PreparedData:
-    """Read and encode train and eval data; raise one UserError listing bad rows unless on_bad_row is skip."""
+    """Train and eval data, every rejected row in `problems`; `require_usable` decides whether they stop the run."""
     encoder = ChatEncoder(tokenizer)
-    train_path, eval_path = data_files(dc)
-    problems: list[str] = []
-    train_rows = _read(train_path, problems)
-    eval_rows = _read(eval_path, problems) if eval_path else None
-    if isinstance(dc.eval, float):
-        shuffled = list(train_rows)
+    train_spec, eval_spec = source_specs(dc)
+    sources = [load_source(train_spec, "train", dc, encoder)]
+    train_records = sources[0].records
+    eval_records = None
+    if eval_spec is not None:
+        sources.append(load_source(eval_spec, "eval", dc, encoder))
+        eval_records = sources[1].records
+    elif isinstance(dc.eval, float):
+        shuffled = list(train_records)
         random.Random(seed).shuffle(shuffled)
         n_eval = max(1, round(len(shuffled) * dc.eval))
-        eval_rows, train_rows = shuffled[:n_eval], shuffled[n_eval:]
-    if eval_rows is not None and dc.max_eval_samples is not None:
-        eval_rows = eval_rows[: dc.max_eval_samples]
-    train = _encode(train_rows, encoder, dc, problems)
-    evals = _encode(eval_rows, encoder, dc, problems) if eval_rows is not None else None
-    if problems and dc.on_bad_row == "error":
-        listed = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(listed)
-        tail = f"{len(problems)} bad rows in all" + (f" ({more} more not listed)" if more else "")
-        raise UserError(*listed, f"{tail}; fix them, or set data.on_bad_row: skip to train without them")
-    if not train.samples:
-        raise UserError(f"data.train: {train_path}: no usable conversations")
-    files = [train_path] + ([eval_path] if eval_path else [])
-    return PreparedData(train, evals, encoder, files, problems)
+        eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
+    if eval_records is not None and dc.max_eval_samples is not None:
+        eval_records = eval_records[: dc.max_eval_samples]
+    problems = [p for s in sources for p in s.problems]
+    evals = Split(eval_records) if eval_records is not None else None
+    return PreparedData(Split(train_records), evals, encoder, sources, problems)
 
 
-def _read(path: Path, problems: list[str]) -> list[Conversation]:
-    result = read_jsonl(path)
-    problems += result.problems
-    return result.conversations
+def require_usable(prepared: PreparedData, dc: DataSection) -> None:
+    """Stop on bad rows (unless on_bad_row is skip) and on training data with nothing to train on."""
+    if prepared.problems and dc.on_bad_row == "error":
+        raise UserError(*problem_lines(prepared.problems))
+    if not prepared.train.samples:
+        raise UserError(f"data.train: {prepared.sources[0].name}: no usable conversations")
 
 
-def _encode(rows: list[Conversation], encoder: ChatEncoder, dc: DataSection, problems: list[str]) -> Split:
-    split = Split([], [])
-    for row in rows:
-        try:
-            sample = encoder.encode(row.messages, dc.train_on)
-        except TemplateError as e:
-            problems.append(f"{row.source}: {e}")
-            continue
-        if len(sample.input_ids) > dc.max_length:
-            split.dropped_too_long += 1
-            continue
-        if sample.trained == 0:
-            problems.append(f"{row.source}: no trained tokens (every assistant message has train: false)")
-            continue
-        split.conversations.append(row)
-        split.samples.append(sample)
-    return split
-
-
-def summary(data: PreparedData, name: str = "train") -> str:
-    split = data.train if name == "train" else data.eval
-    assert split is not None
-    tokens = sum(len(s.input_ids) for s in split.samples)
-    trained = sum(s.trained for s in split.samples)
-    lengths = sorted(len(s.input_ids) for s in split.samples)
-    line = (
-        f"philora: {name}: {len(split.samples)} conversations, {tokens:,} tokens "
-        f"({100 * trained / max(tokens, 1):.0f}% trained), length p50 {lengths[len(lengths) // 2]} "
-        f"max {lengths[-1]}"
-    )
-    if split.dropped_too_long:
-        line += f"; {split.dropped_too_long} longer than data.max_length dropped"
-    return line
+def problem_lines(problems: list[str]) -> list[str]:
+    """The first bad rows, then the total and the fix."""
+    listed = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(listed)
+    tail = f"{len(problems)} bad row{'s' if len(problems) != 1 else ''} in all"
+    tail += f" ({more} more not listed)" if more else ""
+    return [*listed, f"{tail}; fix them, or set data.on_bad_row: skip to train without them"]

@@ -1,24 +1,45 @@
 """Chat template rendering and loss masks, computed turn by turn.
 
-The labels of an assistant turn are found by rendering the conversation up to that turn twice — once ending
-in the generation prompt (what the model sees before it answers), once including the answer — and taking the
-tokens in between, through the end-of-turn token (`<|end|>` on Phi-3, `<|im_end|>` on SmolLM2). Template glue
-after that token (a newline, an eos some templates append) is not the model's to say and is not trained.
-Every prefix is checked token for token; a template whose renders are not prefixes of each other is reported,
-never silently mis-masked.
+The labels of assistant turn i are found from two renders of the conversation: the whole of it, and the
+messages before turn i ending in the generation prompt (what the model sees before it answers). The second
+must tokenize to an exact prefix of the first, token for token; the answer is what follows, through the first
+end-of-turn token (`<|end|>` on Phi-3, `<|im_end|>` on SmolLM2). Template glue after that token (a newline, an
+eos some templates append) is not the model's to say and is not trained. A template whose renders are not
+prefixes of each other is reported, never silently mis-masked. Message text that contains a special token of
+the tokenizer is refused: it would be read as a control token, and could end an answer early.
+
+Renders are tokenized in batches through the fast tokenizer's Rust backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
+from philora.data.formats import Conversation, RowProblem
 from philora.errors import UserError
 
 IGNORE = -100
 
+# The official Phi-3/Phi-3.5-mini-instruct chat template, for Phi-3 tokenizers saved without one.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 
-class TemplateError(ValueError):
+
+class NothingToTrain(RowProblem):
+    """The row has no token that carries loss."""
+
+
+class TemplateError(RowProblem):
     """The chat template cannot render this conversation, or its renders are not prefix-stable."""
 
 
@@ -26,33 +47,76 @@ class TemplateError(ValueError):
 class Sample:
     input_ids: list[int]
     labels: list[int]
+    turn_ends: list[int] = field(default_factory=list)  # token index after each trained answer
 
     @property
     def trained(self) -> int:
         return sum(label != IGNORE for label in self.labels)
 
 
+def ensure_chat_template(tokenizer: Any) -> None:
+    """Give a Phi-3 tokenizer saved without a chat template the official one, and say so."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if all(t in tokenizer.get_vocab() for t in PHI3_TOKENS):
+        tokenizer.chat_template = PHI3_TEMPLATE
+        print("philora: the tokenizer has no chat template; using the official Phi-3 template", file=sys.stderr)
+        return
+    raise UserError(
+        f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; use an instruct model's tokenizer "
+        "(or one whose tokenizer_config.json has chat_template), or train on data.format: text"
+    )
+
+
+def trained_turns(messages: list[dict[str, Any]], train_on: str) -> list[int]:
+    """Indices of the assistant messages whose tokens carry loss under `train_on` (assistant, last_assistant)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
+    return turns[-1:] if train_on == "last_assistant" else turns
+
+
 class ChatEncoder:
     """Turns conversations into token ids and labels with the tokenizer's own chat template."""
 
     def __init__(self, tokenizer: Any) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; use an instruct model's "
-                "tokenizer (or one whose tokenizer_config.json has chat_template)"
-            )
+        ensure_chat_template(tokenizer)
         self.tokenizer = tokenizer
         self.special_ids = set(tokenizer.all_special_ids) | {
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         }
+        specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._special_id_of = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        self._specials_map = dict(tokenizer.special_tokens_map)
+        self._template = _compiled_template(tokenizer)
         self.end_of_turn_id = self._find_end_of_turn()
 
-    def ids(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> list[int]:
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        """The chat template's text. Plain {role, content} string messages need none of apply_chat_template's
+        input conversion, so the compiled template renders them directly, with the same variables."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            if self._template is None:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                )
+            return self._template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=generation_prompt,
+                **self._specials_map,
+            )
         except Exception as e:  # jinja's TemplateError and raise_exception() from inside templates
             raise TemplateError(f"the chat template refused this conversation: {e}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize(self, texts: list[str], special: bool = False) -> list[list[int]]:
+        """Token ids of many texts in one call (the Rust backend's batch path when there is one)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def ids(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> list[int]:
+        return self.tokenize([self.render(messages, generation_prompt)])[0]
 
     def _find_end_of_turn(self) -> int:
         """The special token the template puts right after an assistant message's content."""
@@ -69,33 +133,163 @@ class ChatEncoder:
         return sorted({self.end_of_turn_id, self.tokenizer.eos_token_id} - {None})
 
     def encode(self, messages: list[dict[str, Any]], train_on: str = "assistant") -> Sample:
-        """Token ids and labels; labels are IGNORE except on the trained tokens."""
-        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-        ids = self.ids(clean)
-        if train_on == "all":
-            return Sample(ids, [IGNORE, *ids[1:]])
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
-        if train_on == "last_assistant":
-            turns = turns[-1:]
-        labels = [IGNORE] * len(ids)
-        for i in turns:
-            start, stop = self._answer_span(clean, i, ids)
-            labels[start:stop] = ids[start:stop]
-        return Sample(ids, labels)
+        """Token ids and labels of one conversation; raises RowProblem."""
+        result = self.encode_many([Conversation("", messages=messages)], train_on)[0]
+        if isinstance(result, RowProblem):
+            raise result
+        return result
 
-    def _answer_span(self, messages: list[dict[str, Any]], i: int, ids: list[int]) -> tuple[int, int]:
-        prompt = self.ids(messages[:i], generation_prompt=True)
-        if ids[: len(prompt)] != prompt:
-            raise TemplateError(
-                f"the chat template is not prefix-stable: rendering up to message {i} is not a prefix of the "
-                "whole conversation, so its assistant tokens cannot be located exactly"
+    def encode_many(self, rows: list[Conversation], train_on: str = "assistant") -> list[Sample | RowProblem]:
+        """Samples of many rows, their renders tokenized in batches; a row that fails gets its RowProblem."""
+        plans: list[_Plan | RowProblem] = []
+        for row in rows:
+            try:
+                plans.append(self._plan(row, train_on))
+            except RowProblem as e:
+                plans.append(e)
+        good = [p for p in plans if isinstance(p, _Plan)]
+        for plan, ids in zip(good, self._tokenize_wholes(good), strict=True):
+            plan.ids, plan.labels = ids, [IGNORE] * len(ids)
+            plan.special_at = [k for k, t in enumerate(ids) if t in self.special_ids] if len(plan.texts) > 1 else []
+        cuts = [(plan, self._cut(plan, text)) for plan in good for text in plan.texts[1:] if plan.problem is None]
+        tails = iter(self.tokenize([tail for _, (_, tail) in cuts]))
+        for plan, (start, _tail) in cuts:
+            prompt_tokens = next(tails)
+            if plan.problem is None:
+                self._add_answer(plan, start, prompt_tokens)
+        results: list[Sample | RowProblem] = []
+        for plan in plans:
+            if isinstance(plan, RowProblem):
+                results.append(plan)
+            elif plan.problem is not None:
+                results.append(plan.problem)
+            else:
+                results.append(plan.sample())
+        return results
+
+    def _tokenize_wholes(self, plans: list[_Plan]) -> list[list[int]]:
+        chat = iter(self.tokenize([p.texts[0] for p in plans if not p.plain]))
+        plain = iter(self.tokenize([p.texts[0] for p in plans if p.plain], special=True))
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for plan in plans:
+            if not plan.plain:
+                result.append(next(chat))
+                continue
+            ids = next(plain)
+            result.append([*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids)
+        return result
+
+    def _cut(self, plan: _Plan, prompt: str) -> tuple[int, str]:
+        """Where the prompt render starts to need tokenizing: (token index in the whole, text from there on).
+
+        Tokenizers split text at special tokens before anything else and tokenize the pieces independently, so
+        a prompt that is a text prefix of the whole tokenizes like the whole up to its last special token; only
+        the text from that token on is tokenized and compared (`_add_answer`), not the whole prompt again.
+        """
+        if not plan.texts[0].startswith(prompt):
+            plan.problem = TemplateError(
+                "the chat template is not prefix-stable: the render before an assistant message is not a prefix "
+                "of the whole conversation, so its assistant tokens cannot be located exactly"
             )
+            return 0, ""
+        matches = list(self._special_text.finditer(prompt)) if self._special_text else []
+        if not matches:
+            return 0, prompt
+        at, n, last = plan.special_at, len(matches) - 1, matches[-1]
+        if n < len(at) and plan.ids[at[n]] == self._special_id_of.get(last.group()):
+            return at[n], prompt[last.start() :]
+        return 0, prompt
+
+    def _add_answer(self, plan: _Plan, start: int, tail: list[int]) -> None:
+        """Label the answer after the prompt that ends at start + len(tail) tokens, through its end-of-turn token."""
+        ids, turn = plan.ids, plan.turns[len(plan.ends)]
+        end_of_prompt = start + len(tail)
+        if ids[start:end_of_prompt] != tail:
+            prompt = self.tokenize([self.render(plan.messages[:turn], generation_prompt=True)])[0]
+            if ids[: len(prompt)] != prompt:
+                start = plan.messages[turn]["content"][:12]
+                plan.problem = TemplateError(
+                    f"messages[{turn}].content starts with {start!r}, which the tokenizer merges with the end of the "
+                    "chat template's prompt, so the answer does not start on a token boundary (training would "
+                    "not match generation); remove the leading whitespace from that message"
+                )
+                return
+            end_of_prompt = len(prompt)
+        try:
+            stop = self._answer_end(plan.messages, turn, end_of_prompt, ids)
+        except TemplateError as e:
+            plan.problem = e
+            return
+        plan.labels[end_of_prompt:stop] = ids[end_of_prompt:stop]
+        plan.ends.append(stop)
+
+    def _plan(self, row: Conversation, train_on: str) -> _Plan:
+        if row.text is not None:
+            return _Plan([row.text], [], [], plain=True)
+        assert row.messages is not None
+        clean = [{"role": m["role"], "content": m["content"]} for m in row.messages]
+        self._refuse_special_text(row.messages)
+        whole = self.render(clean)
+        if train_on == "all":
+            return _Plan([whole], [], clean)
+        turns = trained_turns(row.messages, train_on)
+        if not turns:
+            raise NothingToTrain("nothing to train: every assistant message has train: false")
+        return _Plan([whole] + [self.render(clean[:i], generation_prompt=True) for i in turns], turns, clean)
+
+    def _refuse_special_text(self, messages: list[dict[str, Any]]) -> None:
+        if self._special_text is None:
+            return
+        for i, m in enumerate(messages):
+            found = self._special_text.search(m["content"])
+            if found:
+                raise RowProblem(
+                    f"messages[{i}].content contains {found.group()!r}, a special token of this tokenizer; the "
+                    "model would read it as a control token (it can end an answer early): remove it from the text"
+                )
+
+    def _answer_end(self, messages: list[dict[str, Any]], i: int, start: int, ids: list[int]) -> int:
+        try:
+            return ids.index(self.end_of_turn_id, start) + 1
+        except ValueError:
+            pass
+        # No end-of-turn token after the answer: the answer ends where rendering through it stops agreeing.
         upto = self.ids(messages[: i + 1])
-        stop = len(prompt)
+        stop = start
         while stop < min(len(upto), len(ids)) and upto[stop] == ids[stop]:
-            stop += 1  # the common prefix: templates may close the last turn differently (e.g. with an eos)
-        if self.end_of_turn_id in ids[len(prompt) : stop]:
-            stop = ids.index(self.end_of_turn_id, len(prompt)) + 1
-        if stop <= len(prompt):
+            stop += 1
+        if stop <= start:
             raise TemplateError(f"message {i}: the chat template renders this assistant message as no tokens")
-        return len(prompt), stop
+        return stop
+
+
+def _compiled_template(tokenizer: Any) -> Any:
+    """transformers' own compiled (sandboxed, cached) template, or None where its API differs."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(tokenizer.get_chat_template())
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Plan:
+    """One row on its way to a sample: the renders it needs (the whole chat, then the prompt before each
+    trained answer), then the whole chat's tokens and the labels found so far."""
+
+    texts: list[str]
+    turns: list[int]
+    messages: list[dict[str, Any]]
+    plain: bool = False  # the text format: every token trained
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    special_at: list[int] = field(default_factory=list)  # positions of special tokens in ids
+    problem: RowProblem | None = None
+
+    def sample(self) -> Sample:
+        if not self.turns:  # text, or train_on: all
+            return Sample(self.ids, [IGNORE, *self.ids[1:]])
+        return Sample(self.ids, self.labels, self.ends)

@@ -1,0 +1,36 @@
+"""`philora data check FILE`: read and encode one data source the way `train` would, and say what came out."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from philora.config import Config
+from philora.data import Split, load_source, problem_lines
+from philora.data.render import ChatEncoder
+from philora.data.report import highlight, segments, source_line, source_stats, split_lines, split_stats
+from philora.model import load_tokenizer
+
+
+def check(config: Config, spec: str, as_json: bool = False) -> int:
+    """Print the report; exit status 2 when any row is rejected, so scripts can gate on it."""
+    dc = config.data
+    encoder = ChatEncoder(load_tokenizer(config.model))
+    source = load_source(spec, "train", dc, encoder)
+    split = Split(source.records)
+    stats = split_stats(split, dc.max_length)
+    first = split.samples[0] if split.samples else None
+    if as_json:
+        sample = [{"text": t, "trained": trained} for t, trained in segments(first, encoder.tokenizer)] if first else []
+        record = {**source_stats(source), **stats, "problems": source.problems, "sample": sample}
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        lines = [source_line("data", source), *split_lines("data", stats, dc.max_length, dc.overlong)]
+        if first is not None:
+            lines += highlight(first, encoder.tokenizer, color=sys.stdout.isatty())
+        print("\n".join(lines))
+    if source.problems:
+        for line in problem_lines(source.problems):
+            print(f"philora: error: {line}", file=sys.stderr)
+        return 2
+    return 0

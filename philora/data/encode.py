@@ -1,0 +1,143 @@
+"""From conversations to samples that fit max_length: batched, in parallel processes, with a length policy.
+
+An overlong conversation is handled by `data.overlong`:
+- drop: left out whole;
+- truncate: cut after the last trained answer that still fits (inside the first answer when none does);
+- split: cut at user turns into several conversations that each fit, the system prompt repeated in each.
+Every row's outcome is kept (whole, truncated, split, dropped, or the problem that rejected it) so that the
+report can count them; nothing is left out silently.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from philora.data.formats import Conversation, RowProblem
+from philora.data.render import IGNORE, ChatEncoder, NothingToTrain, Sample, trained_turns
+
+FITS = ("whole", "truncated", "split", "dropped", "rejected", "untrained")
+CHUNK = 256  # conversations per batch of renders
+PARALLEL_FROM = 2000  # fewer conversations than this are not worth starting processes for
+
+
+@dataclass
+class Outcome:
+    samples: list[Sample] = field(default_factory=list)
+    fit: str = "whole"  # one of FITS
+    problem: str | None = None  # why the row was rejected
+
+
+def encode_all(
+    conversations: Sequence[Conversation], encoder: ChatEncoder, settings: tuple[str, int, str], num_proc: int | None
+) -> list[Outcome]:
+    """Outcomes in input order; `settings` is (train_on, max_length, overlong)."""
+    chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
+    processes = worker_count(num_proc, len(conversations))
+    global _WORK
+    _WORK = (encoder, settings)
+    try:
+        if processes > 1:
+            # fork shares the loaded tokenizer with the workers; each tokenizes on one thread.
+            pool = multiprocessing.get_context("fork").Pool
+            with _environment("TOKENIZERS_PARALLELISM", "false"), pool(processes) as workers:
+                parts = workers.map(_encode_chunk, chunks)
+        else:
+            parts = [_encode_chunk(chunk) for chunk in chunks]
+    finally:
+        _WORK = None
+    return [outcome for part in parts for outcome in part]
+
+
+def worker_count(num_proc: int | None, n: int) -> int:
+    if num_proc is not None:
+        return num_proc
+    if n < PARALLEL_FROM or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+
+
+_WORK: tuple[ChatEncoder, tuple[str, int, str]] | None = None
+
+
+def _encode_chunk(chunk: Sequence[Conversation]) -> list[Outcome]:
+    assert _WORK is not None
+    encoder, (train_on, max_length, overlong) = _WORK
+    outcomes = []
+    for row, result in zip(chunk, encoder.encode_many(list(chunk), train_on), strict=True):
+        try:
+            if isinstance(result, RowProblem):
+                raise result
+            outcomes.append(fit_length(row, result, encoder, train_on, max_length, overlong))
+        except RowProblem as e:
+            outcomes.append(Outcome(fit="untrained" if isinstance(e, NothingToTrain) else "rejected", problem=str(e)))
+    return outcomes
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def fit_length(
+    row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: str, max_length: int, overlong: str
+) -> Outcome:
+    if len(sample.input_ids) <= max_length:
+        return Outcome([sample])
+    if overlong == "drop":
+        return Outcome(fit="dropped")
+    if overlong == "split":
+        pieces = _split(row, sample, encoder, train_on, max_length)
+        return Outcome(pieces, "split" if len(pieces) > 1 else "truncated" if pieces else "dropped")
+    cut = truncate(sample, max_length)
+    return Outcome([cut], "truncated") if cut else Outcome(fit="dropped")
+
+
+def truncate(sample: Sample, max_length: int) -> Sample | None:
+    """The sample cut after its last answer that fits, else at max_length; None when nothing trained is left."""
+    cut = max((end for end in sample.turn_ends if end <= max_length), default=max_length)
+    labels = sample.labels[:cut]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Sample(sample.input_ids[:cut], labels, [e for e in sample.turn_ends if e <= cut])
+
+
+def _split(row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: str, max_length: int) -> list[Sample]:
+    if row.messages is None:  # text: consecutive windows of max_length tokens
+        starts = range(0, len(sample.input_ids), max_length)
+        return [Sample(sample.input_ids[s : s + max_length], sample.labels[s : s + max_length]) for s in starts]
+    trained = set(trained_turns(row.messages, train_on))
+    messages = [{**m, "train": i in trained} if m["role"] == "assistant" else m for i, m in enumerate(row.messages)]
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    groups: list[list[dict[str, Any]]] = []
+    for m in messages[len(system) :]:
+        if m["role"] == "user" or not groups:
+            groups.append([])
+        groups[-1].append(m)
+    chunks: list[list[dict[str, Any]]] = []
+    for group in groups:
+        if chunks and len(encoder.ids(system + chunks[-1] + group)) <= max_length:
+            chunks[-1] += group
+        else:
+            chunks.append(list(group))
+    pieces = []
+    for chunk in chunks:
+        if train_on != "all" and not any(m.get("train") for m in chunk):
+            continue
+        piece = encoder.encode(system + chunk, "all" if train_on == "all" else "assistant")
+        piece = piece if len(piece.input_ids) <= max_length else truncate(piece, max_length)
+        if piece is not None:
+            pieces.append(piece)
+    return pieces

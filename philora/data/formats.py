@@ -1,0 +1,266 @@
+"""Row formats: detect which one a source holds, and turn each row into a conversation or a problem.
+
+Formats (field names can be remapped with `data.columns`, e.g. `{prompt: question, completion: answer}`):
+- messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "train": false?}]}`
+- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}], "system"?: "..."}`
+- alpaca: `{"instruction": "...", "input"?: "...", "output": "...", "system"?: "...", "history"?: [[q, a]]}`;
+  the user turn is the instruction, then a blank line and the input when there is one
+- prompt_completion: `{"prompt": ..., "completion": ...}`, each a string (one user / one assistant message) or a
+  list of messages; only the completion is trained
+- text: `{"text": "..."}`, plain text trained on every token, no chat template
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from philora.data.sources import BadRow, Source
+from philora.errors import UserError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+REQUIRED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+LIST_FIELDS = ("messages", "conversations", "history")
+FIELDS = (
+    *{f for fields in REQUIRED.values() for f in fields},
+    "input",
+    "system",
+    "history",
+    "role",
+    "content",
+    "from",
+    "value",
+)
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+EXAMPLES = {
+    "messages": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
+    "alpaca": '{"instruction": "...", "input": "", "output": "..."}',
+    "prompt_completion": '{"prompt": "...", "completion": "..."}',
+    "text": '{"text": "..."}',
+}
+
+
+EITHER = "a string or a non-empty list of messages"
+
+
+class RowProblem(ValueError):
+    """What is wrong with one row, said so that the user can fix it."""
+
+
+@dataclass
+class Conversation:
+    source: str  # file:line
+    messages: list[dict[str, Any]] | None = None  # role, content, and train: false where an answer is not trained
+    text: str | None = None  # the text format: no template, every token trained
+
+
+class Columns:
+    """philora's field names mapped to the user's (`data.columns`)."""
+
+    def __init__(self, mapping: dict[str, str] | None) -> None:
+        unknown = sorted(set(mapping or {}) - set(FIELDS))
+        if unknown:
+            raise UserError(
+                f"data.columns: unknown field {', '.join(map(repr, unknown))}; map any of {', '.join(FIELDS)} "
+                "to your column names, e.g. {prompt: question, completion: answer}"
+            )
+        self.mapping = dict(mapping or {})
+
+    def __getitem__(self, name: str) -> str:
+        return self.mapping.get(name, name)
+
+
+def detect(source: Source, columns: Columns) -> str:
+    """The format of a source, from the keys of its first object row."""
+    first = next((row for row in source.rows if isinstance(row.value, dict)), None)
+    if first is None:
+        return "messages"  # every row is already a problem; they are reported as such
+    keys = set(first.value)
+    for fmt, required in REQUIRED.items():
+        if all(columns[f] in keys for f in required):
+            return fmt
+    raise UserError(
+        f"{first.where}: cannot tell the data format from this row's keys ({', '.join(sorted(keys)) or 'none'}); "
+        "set data.format to one of " + ", ".join(FORMATS) + ", and map your field names with data.columns "
+        "(e.g. data.columns: {prompt: question, completion: answer})"
+    )
+
+
+def check_columns(source: Source, fmt: str, columns: Columns) -> None:
+    """A table (CSV, parquet, datasets) must have the format's columns, with types that can hold them."""
+    if source.columns is None:
+        return
+    have = ", ".join(sorted(source.columns)) or "none"
+    missing = [columns[f] for f in REQUIRED[fmt] if columns[f] not in source.columns]
+    if missing:
+        raise UserError(
+            f"{source.name}: no column {', '.join(map(repr, missing))} (columns: {have}); the {fmt} format needs "
+            f"{', '.join(columns[f] for f in REQUIRED[fmt])}; rename them, map them with data.columns, "
+            "or set data.format"
+        )
+    for name in (*REQUIRED[fmt], "input", "system", "history"):
+        kind = source.columns.get(columns[name])
+        wanted = ("list", "string") if name in LIST_FIELDS or fmt == "prompt_completion" else ("string",)
+        if kind is not None and kind not in wanted and kind != "null":
+            what = "a list of messages (or JSON text of one)" if "list" in wanted else "text"
+            raise UserError(f"{source.name}: column {columns[name]!r} holds {kind}; the {fmt} format needs {what}")
+
+
+def to_conversation(value: Any, where: str, fmt: str, columns: Columns) -> Conversation:
+    """One row as a conversation; raises RowProblem naming what to fix."""
+    if isinstance(value, BadRow):
+        raise RowProblem(value.reason)
+    if not isinstance(value, dict):
+        raise RowProblem(f"expected a JSON object like {EXAMPLES[fmt]}, got a {type(value).__name__}")
+    for name in REQUIRED[fmt]:
+        if columns[name] not in value:
+            keys = ", ".join(map(str, value)) or "none"
+            raise RowProblem(f"no {columns[name]!r} key (keys: {keys}); expected {EXAMPLES[fmt]}")
+    if fmt == "text":
+        return Conversation(where, text=_text(value, columns["text"], allow_blank=False))
+    messages = {
+        "messages": _messages,
+        "sharegpt": _sharegpt,
+        "alpaca": _alpaca,
+        "prompt_completion": _prompt_completion,
+    }[fmt](value, columns)
+    check_turns(messages, "conversations" if fmt == "sharegpt" else "messages")
+    return Conversation(where, messages=messages)
+
+
+def _text(row: dict[str, Any], key: str, allow_blank: bool = True) -> str:
+    value = row.get(key)
+    if value is None and allow_blank:
+        return ""
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"a {type(value).__name__}"
+        raise RowProblem(f"{key!r} is {what}; it must be a string")
+    if not allow_blank and not value.strip():
+        raise RowProblem(f"{key!r} is empty; give it text or remove the row")
+    return value
+
+
+def _list(row: dict[str, Any], key: str, what: str = "a non-empty list of messages") -> list[Any]:
+    value = row.get(key)
+    if isinstance(value, str) and value.lstrip().startswith("["):  # CSV cells and string columns hold JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowProblem(f"{key!r} holds text that is not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, list):
+        raise RowProblem(f"{key!r} is a {type(value).__name__}; use {what}")
+    if not value:
+        raise RowProblem(f"{key!r} must be {what}")
+    return value
+
+
+def _messages(
+    row: dict[str, Any], columns: Columns, key: str = "messages", what: str = "a non-empty list of messages"
+) -> list[dict[str, Any]]:
+    field, role_key, content_key = columns[key], columns["role"], columns["content"]
+    result = []
+    for i, m in enumerate(_list(row, field, what)):
+        if not isinstance(m, dict):
+            raise RowProblem(f"{field}[{i}] is a {type(m).__name__}; expected an object with role and content")
+        role = m.get(role_key)
+        if role not in ROLES:
+            raise RowProblem(f"{field}[{i}].{role_key} is {role!r}; use one of {', '.join(ROLES)}")
+        result.append(_message(m, f"{field}[{i}]", role, content_key))
+    return result
+
+
+def _message(m: dict[str, Any], place: str, role: str, content_key: str) -> dict[str, Any]:
+    content = m.get(content_key)
+    if not isinstance(content, str):
+        what = "missing" if content_key not in m else f"a {type(content).__name__}"
+        raise RowProblem(f"{place}.{content_key} is {what}; it must be a string")
+    if not content.strip():
+        raise RowProblem(f"{place}.{content_key} is empty; remove the message or give it text")
+    message: dict[str, Any] = {"role": role, "content": content}
+    if "train" in m:
+        if not isinstance(m["train"], bool):
+            raise RowProblem(f"{place}.train is {m['train']!r}; use true or false")
+        if role != "assistant" and not m["train"]:
+            raise RowProblem(f"{place}.train is false on a {role} message; only assistant messages are trained")
+        message["train"] = m["train"]
+    return message
+
+
+def _sharegpt(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+    field, from_key, value_key = columns["conversations"], columns["from"], columns["value"]
+    result = []
+    system = _text(row, columns["system"])
+    if system.strip():
+        result.append({"role": "system", "content": system})
+    for i, m in enumerate(_list(row, field)):
+        if not isinstance(m, dict):
+            raise RowProblem(f"{field}[{i}] is a {type(m).__name__}; expected an object with from and value")
+        speaker = m.get(from_key)
+        if speaker not in SHAREGPT_ROLES:
+            raise RowProblem(
+                f"{field}[{i}].{from_key} is {speaker!r}; use one of system, human, gpt (or user, assistant)"
+            )
+        result.append(_message(m, f"{field}[{i}]", SHAREGPT_ROLES[speaker], value_key))
+    return result
+
+
+def _alpaca(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+    instruction = _text(row, columns["instruction"], allow_blank=False)
+    extra = _text(row, columns["input"])
+    output = _text(row, columns["output"], allow_blank=False)
+    system = _text(row, columns["system"])
+    result = [{"role": "system", "content": system}] if system.strip() else []
+    history = row.get(columns["history"])
+    for i, pair in enumerate(_list(row, columns["history"]) if history else []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise RowProblem(f"{columns['history']}[{i}] must be a [question, answer] pair of strings")
+        result += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [*result, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _prompt_completion(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+    prompt_key, completion_key = columns["prompt"], columns["completion"]
+    if isinstance(row[prompt_key], str) and not row[prompt_key].lstrip().startswith("["):
+        prompt = [{"role": "user", "content": _text(row, prompt_key, allow_blank=False)}]
+    else:
+        given = _messages(row, columns, "prompt", EITHER)
+        prompt = [{**m, "train": False} if m["role"] == "assistant" else m for m in given]
+    if isinstance(row[completion_key], str) and not row[completion_key].lstrip().startswith("["):
+        completion = [{"role": "assistant", "content": _text(row, completion_key, allow_blank=False)}]
+    else:
+        completion = _messages(row, columns, "completion", EITHER)
+        if any(m["role"] != "assistant" for m in completion):
+            raise RowProblem(f"{completion_key!r} may only hold assistant messages; move the others into the prompt")
+    return prompt + completion
+
+
+def check_turns(messages: list[dict[str, Any]], field: str = "messages") -> None:
+    """The order rules every chat template relies on. Repeated roles are left to the template to accept."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise RowProblem(
+            f"a system message at {field}[{roles.index('system', 1)}]; only the first message may be system"
+        )
+    turns = roles[1:] if roles[0] == "system" else roles
+    if not turns or turns[0] != "user":
+        raise RowProblem("the first non-system message must be from the user")
+    if "assistant" not in turns:
+        raise RowProblem("no assistant message; nothing to learn from this row")

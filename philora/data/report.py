@@ -1,0 +1,140 @@
+"""What the data step did, for people (`philora data check`, and before every `train`) and for machines (--json):
+rows read and rejected, the format, token lengths, what the length policy cut, how much is trained, and one
+sample with its trained tokens highlighted."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from philora.data.render import IGNORE, Sample
+
+if TYPE_CHECKING:
+    from philora.config import DataSection
+    from philora.data import PreparedData, SourceData, Split
+
+BINS = 8
+BAR = 30
+ELIDE = 400  # untrained stretches longer than this many characters are shortened in the sample view
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def split_stats(split: Split, max_length: int) -> dict[str, Any]:
+    samples = split.samples
+    lengths = sorted(len(s.input_ids) for s in samples)
+    tokens, trained = sum(lengths), sum(s.trained for s in samples)
+    width = math.ceil(max_length / BINS)
+    counts = [0] * BINS
+    for n in lengths:
+        counts[min((n - 1) // width, BINS - 1)] += 1
+    return {
+        "conversations": len(split.conversations),
+        "samples": len(samples),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "trained_fraction": round(trained / tokens, 4) if tokens else 0.0,
+        "length": {
+            "p50": percentile(lengths, 0.5),
+            "p95": percentile(lengths, 0.95),
+            "max": lengths[-1] if lengths else 0,
+        },
+        "histogram": [[i * width + 1, min((i + 1) * width, max_length), c] for i, c in enumerate(counts)],
+        "truncated": split.count("truncated"),
+        "split": split.count("split"),
+        "dropped_overlong": split.count("dropped"),
+    }
+
+
+def source_stats(source: SourceData) -> dict[str, Any]:
+    return {
+        "source": source.name,
+        "format": source.format,
+        "rows": source.rows,
+        "rejected": len(source.problems),
+        "nothing_to_train": source.untrained,
+        "from_cache": source.from_cache,
+    }
+
+
+def source_line(role: str, source: SourceData) -> str:
+    how = "from cache" if source.from_cache else "tokenised"
+    return (
+        f"{role} ← {source.name}: {source.format} format, {source.rows:,} rows, {len(source.problems)} rejected "
+        f"({source.untrained} with nothing to train); {how}"
+    )
+
+
+def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str) -> list[str]:
+    length = stats["length"]
+    lines = [
+        f"{name}: {stats['conversations']:,} conversations → {stats['samples']:,} samples, {stats['tokens']:,} tokens,"
+        f" {100 * stats['trained_fraction']:.1f}% trained; length p50 {length['p50']}, p95 {length['p95']},"
+        f" max {length['max']} (max_length {max_length})",
+        f"{name}: longer than max_length (data.overlong: {overlong}): {stats['truncated']} truncated,"
+        f" {stats['split']} split, {stats['dropped_overlong']} dropped",
+    ]
+    peak = max((c for _, _, c in stats["histogram"]), default=0) or 1
+    digits = len(str(max_length))
+    for lo, hi, count in stats["histogram"]:
+        bar = "█" * round(BAR * count / peak)
+        lines.append(f"  {lo:>{digits}}-{hi:>{digits}} {bar:<{BAR}} {count:,}")
+    return lines
+
+
+def segments(sample: Sample, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The sample's text in runs of trained / not trained tokens."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        trained = label != IGNORE
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    decode = tokenizer.decode
+    return [(decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), t) for ids, t in runs]
+
+
+def highlight(sample: Sample, tokenizer: Any, color: bool) -> list[str]:
+    """The sample as text with trained tokens marked: green on a terminal, ⟦…⟧ elsewhere."""
+    legend = "trained tokens in green" if color else "trained tokens inside ⟦ ⟧"
+    parts = []
+    for text, trained in segments(sample, tokenizer):
+        if trained:
+            parts.append(f"\x1b[1;32m{text}\x1b[0m" if color else f"⟦{text}⟧")
+            continue
+        if len(text) > ELIDE:
+            text = f"{text[:150]} … ({len(text) - 300:,} characters) … {text[-150:]}"
+        parts.append(f"\x1b[2m{text}\x1b[0m" if color else text)
+    return [f"one sample, {legend}:", *"".join(parts).rstrip("\n").split("\n")]
+
+
+def describe(prepared: PreparedData, dc: DataSection, color: bool = False) -> list[str]:
+    """The report printed before training: sources, each split, rejected rows, one highlighted sample."""
+    lines = [source_line(role, s) for role, s in zip(("train", "eval"), prepared.sources, strict=False)]
+    for name, split in (("train", prepared.train), ("eval", prepared.eval)):
+        if split is not None:
+            lines += split_lines(name, split_stats(split, dc.max_length), dc.max_length, dc.overlong)
+    if prepared.problems and dc.on_bad_row == "skip":
+        lines.append(
+            f"skipped {len(prepared.problems)} bad rows (data.on_bad_row: skip); the first: {prepared.problems[0]}"
+        )
+    if prepared.train.samples:
+        lines += highlight(prepared.train.samples[0], prepared.encoder.tokenizer, color)
+    return lines
+
+
+def as_record(prepared: PreparedData, dc: DataSection) -> dict[str, Any]:
+    """The data part of run.json."""
+    return {
+        "sources": [source_stats(s) for s in prepared.sources],
+        "fingerprint": prepared.fingerprint,
+        "train": split_stats(prepared.train, dc.max_length),
+        "eval": split_stats(prepared.eval, dc.max_length) if prepared.eval is not None else None,
+        "rejected_rows": len(prepared.problems),
+    }
