@@ -33,6 +33,8 @@ def prompts_and_references(conversations: Sequence[Conversation]) -> list[tuple[
     """Each conversation's messages before its last assistant message, and that message as the reference."""
     pairs = []
     for c in conversations:
+        if c.messages is None:  # text rows have no prompt to answer
+            continue
         last = max(i for i, m in enumerate(c.messages) if m["role"] == "assistant")
         prompt = [{"role": m["role"], "content": m["content"]} for m in c.messages[:last]]
         pairs.append((prompt, c.messages[last]["content"]))

@@ -60,7 +60,10 @@ def test_each_chat_format_is_detected_and_converted(fmt: str, tmp_path: Path, en
     assert [r.conversation.messages for r in source.records] == [EXPECTED, EXPECTED]
     assert [r.conversation.source for r in source.records] == [f"{path}:1", f"{path}:2"]
     explicit = load(path, encoder, format=fmt)
-    assert explicit.records[0].outcome.samples[0].input_ids == source.records[0].outcome.samples[0].input_ids
+    assert (
+        explicit.records[0].outcome.samples[0].input_ids.tolist()
+        == source.records[0].outcome.samples[0].input_ids.tolist()
+    )
 
 
 def test_alpaca_input_and_history_and_string_prompt_completion(tmp_path: Path, encoder: ChatEncoder) -> None:
@@ -89,7 +92,7 @@ def test_prompt_completion_trains_only_the_completion(tmp_path: Path, encoder: C
         "completion": [{"role": "assistant", "content": "Final answer"}],
     }
     sample = load(jsonl(tmp_path / "p.jsonl", [row]), encoder).records[0].outcome.samples[0]
-    trained = encoder.tokenizer.decode([t for t in sample.labels if t != IGNORE])
+    trained = encoder.tokenizer.decode(sample.labels[sample.labels != IGNORE])
     assert trained == "Final answer<|im_end|>"
 
 
@@ -97,7 +100,7 @@ def test_text_format(tmp_path: Path, encoder: ChatEncoder) -> None:
     source = load(jsonl(tmp_path / "t.jsonl", [{"text": "Plain prose, trained everywhere."}]), encoder)
     assert source.format == "text"
     sample = source.records[0].outcome.samples[0]
-    assert sample.labels[1:] == sample.input_ids[1:]
+    assert sample.labels[1:].tolist() == sample.input_ids[1:].tolist() and sample.labels[0] == IGNORE
     assert sample.input_ids[-1] == encoder.tokenizer.eos_token_id
 
 

@@ -76,12 +76,12 @@ def test_labels_match_an_independent_rendering_token_by_token(which: str, reques
         text, spans = layout(messages)
         ids, trained = expected_labels(tokenizer, text, spans)
         sample = encoder.encode(messages)
-        assert sample.input_ids == ids
-        assert [label != IGNORE for label in sample.labels] == trained
-        assert all(label in (IGNORE, token) for label, token in zip(sample.labels, ids, strict=True))
+        assert sample.input_ids.tolist() == ids
+        assert (sample.labels != IGNORE).tolist() == trained
+        assert all(label in (IGNORE, token) for label, token in zip(sample.labels.tolist(), ids, strict=True))
     end = "<|im_end|>" if which == "smol" else "<|end|>"
     sample = encoder.encode(CHAT)
-    assert tokenizer.decode([t for t in sample.labels if t != IGNORE]) == f'Rome.{end}Madrid 🇪🇸 {{"ok": true}}{end}'
+    assert tokenizer.decode(sample.labels[sample.labels != IGNORE]) == f'Rome.{end}Madrid 🇪🇸 {{"ok": true}}{end}'
 
 
 def test_phi3_tokenizer_without_a_template_gets_the_official_one(phi3_style: Path, capsys) -> None:
@@ -122,7 +122,7 @@ def test_prompt_tails_agree_with_tokenizing_each_whole_prompt(which: str, reques
                 tokenizer.apply_chat_template(clean[:i], tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False,
             )["input_ids"]
-            assert sample.input_ids[: len(prompt)] == prompt
+            assert sample.input_ids[: len(prompt)].tolist() == prompt
             assert sample.labels[len(prompt) - 1] == IGNORE and sample.labels[len(prompt)] != IGNORE
 
 
@@ -136,9 +136,9 @@ def test_an_answer_that_merges_with_the_prompt_is_refused_with_the_fix(smol) -> 
 def test_train_on_last_assistant_and_all(smol) -> None:
     encoder = ChatEncoder(smol)
     last = encoder.encode(CHAT, "last_assistant")
-    assert smol.decode([t for t in last.labels if t != IGNORE]) == 'Madrid 🇪🇸 {"ok": true}<|im_end|>'
+    assert smol.decode(last.labels[last.labels != IGNORE]) == 'Madrid 🇪🇸 {"ok": true}<|im_end|>'
     everything = encoder.encode(CHAT, "all")
-    assert everything.labels[1:] == everything.input_ids[1:] and everything.labels[0] == IGNORE
+    assert everything.labels[1:].tolist() == everything.input_ids[1:].tolist() and everything.labels[0] == IGNORE
 
 
 def test_text_rows_are_trained_everywhere_and_end_with_eos(smol) -> None:
@@ -146,7 +146,7 @@ def test_text_rows_are_trained_everywhere_and_end_with_eos(smol) -> None:
     (sample,) = encoder.encode_many([Conversation("x", text="Plain words here.")])
     assert not isinstance(sample, RowProblem)
     assert sample.input_ids[-1] == smol.eos_token_id
-    assert sample.labels == [IGNORE, *sample.input_ids[1:]]
+    assert sample.labels.tolist() == [IGNORE, *sample.input_ids[1:].tolist()]
 
 
 def test_a_template_that_is_not_prefix_stable_is_reported(tiny_phi3: Path) -> None:

@@ -33,7 +33,7 @@ def chat(turns: int, words: int = 20, system: bool = True) -> list[dict]:
 
 
 def trained_text(encoder: ChatEncoder, sample) -> str:
-    return encoder.tokenizer.decode([t for t in sample.labels if t != IGNORE])
+    return encoder.tokenizer.decode(sample.labels[sample.labels != IGNORE])
 
 
 def fit(encoder: ChatEncoder, messages: list[dict], max_length: int, overlong: str, train_on: str = "assistant"):
@@ -52,7 +52,7 @@ def test_overlong_drop_truncate_split(encoder: ChatEncoder) -> None:
     truncated = fit(encoder, messages, limit, "truncate")
     (sample,) = truncated.samples
     assert truncated.fit == "truncated" and len(sample.input_ids) <= limit
-    assert sample.input_ids == whole.input_ids[: len(sample.input_ids)]
+    assert sample.input_ids.tolist() == whole.input_ids[: len(sample.input_ids)].tolist()
     assert sample.input_ids[-1] == encoder.end_of_turn_id  # cut after a whole answer
     assert trained_text(encoder, sample).count("<|im_end|>") in (1, 2)
 
@@ -92,8 +92,8 @@ def test_parallel_encoding_equals_one_process(encoder: ChatEncoder) -> None:
     one = encode_all(rows, encoder, ("assistant", 120, "split"), 1)
     two = encode_all(rows, encoder, ("assistant", 120, "split"), 2)
     assert [(o.fit, o.problem) for o in one] == [(o.fit, o.problem) for o in two]
-    assert [[(s.input_ids, s.labels) for s in o.samples] for o in one] == [
-        [(s.input_ids, s.labels) for s in o.samples] for o in two
+    assert [[(s.input_ids.tolist(), s.labels.tolist()) for s in o.samples] for o in one] == [
+        [(s.input_ids.tolist(), s.labels.tolist()) for s in o.samples] for o in two
     ]
     assert one[7].fit == "rejected" and "special token" in one[7].problem
     assert {o.fit for o in one} >= {"whole", "split", "rejected"}
@@ -115,8 +115,8 @@ def test_second_load_comes_from_the_cache_and_settings_change_the_key(
     monkeypatch.setattr(data, "encode_all", no_encoding)
     second = data.load_source(str(path), "train", dc, encoder)
     assert second.from_cache and second.problems == first.problems
-    assert [[(s.input_ids, s.labels) for s in r.outcome.samples] for r in second.records] == [
-        [(s.input_ids, s.labels) for s in r.outcome.samples] for r in first.records
+    assert [[(s.input_ids.tolist(), s.labels.tolist()) for s in r.outcome.samples] for r in second.records] == [
+        [(s.input_ids.tolist(), s.labels.tolist()) for s in r.outcome.samples] for r in first.records
     ]
     assert [r.outcome.fit for r in second.records] == [r.outcome.fit for r in first.records]
     monkeypatch.undo()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from philora.data.render import IGNORE, Sample
@@ -42,19 +43,21 @@ def one_per_row(n: int) -> list[Row]:
 
 def collate(samples: Sequence[Sample], rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Tensors for a batch of rows, right-padded to the longest row."""
-    ids, labels, positions = [], [], []
-    for row in rows:
-        ids.append([t for i in row for t in samples[i].input_ids])
-        labels.append([t for i in row for t in samples[i].labels])
-        positions.append([p for i in row for p in range(len(samples[i].input_ids))])
-    width = max(map(len, ids))
-    for seq_ids, seq_labels, seq_pos in zip(ids, labels, positions, strict=True):
-        gap = width - len(seq_ids)
-        seq_ids += [pad_id] * gap
-        seq_labels += [IGNORE] * gap
-        seq_pos += range(gap)
+    width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    positions = np.empty((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(samples[i].input_ids)
+            ids[r, at : at + n] = samples[i].input_ids
+            labels[r, at : at + n] = samples[i].labels
+            positions[r, at : at + n] = np.arange(n)
+            at += n
+        positions[r, at:] = np.arange(width - at)
     return {
-        "input_ids": torch.tensor(ids),
-        "labels": torch.tensor(labels),
-        "position_ids": torch.tensor(positions),
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
     }

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,13 @@ def load(entry: str) -> list[Outcome] | None:
     except (OSError, ValueError, KeyError):
         return None  # a damaged entry is re-made
     problems = json.loads(str(arrays["problems"]))
-    ids, labels = arrays["ids"].tolist(), np.where(arrays["mask"], arrays["ids"], IGNORE).tolist()
+    ids = arrays["ids"]
+    labels = np.where(arrays["mask"], ids, IGNORE).astype(np.int32)
     bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])]).tolist()
     outcomes, s = [], 0
     for row, (fit, count) in enumerate(zip(arrays["fits"].tolist(), arrays["counts"].tolist(), strict=True)):
-        samples = []
-        for a, b in zip(bounds[s : s + count], bounds[s + 1 : s + count + 1], strict=True):
-            samples.append(Sample(ids[a:b], labels[a:b]))
+        edges = bounds[s : s + count + 1]
+        samples = [Sample(ids[a:b], labels[a:b]) for a, b in pairwise(edges)]
         s += count
         outcomes.append(Outcome(samples, FITS[fit], problems.get(str(row))))
     return outcomes
@@ -70,8 +71,8 @@ def save(entry: str, outcomes: list[Outcome]) -> None:
         "fits": np.array([FITS.index(o.fit) for o in outcomes], dtype=np.int8),
         "counts": np.array([len(o.samples) for o in outcomes], dtype=np.int32),
         "lengths": np.array([len(s.input_ids) for s in samples], dtype=np.int32),
-        "ids": np.array([t for s in samples for t in s.input_ids], dtype=np.int32),
-        "mask": np.array([label != IGNORE for s in samples for label in s.labels], dtype=bool),
+        "ids": np.concatenate([s.input_ids for s in samples]) if samples else np.zeros(0, np.int32),
+        "mask": np.concatenate([s.labels != IGNORE for s in samples]) if samples else np.zeros(0, bool),
         "problems": np.array(json.dumps({str(i): o.problem for i, o in enumerate(outcomes) if o.problem})),
     }
     path = _path(entry)

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from philora.data.formats import Conversation, RowProblem
 from philora.data.render import IGNORE, ChatEncoder, NothingToTrain, Sample, trained_turns
 
@@ -109,15 +111,18 @@ def truncate(sample: Sample, max_length: int) -> Sample | None:
     """The sample cut after its last answer that fits, else at max_length; None when nothing trained is left."""
     cut = max((end for end in sample.turn_ends if end <= max_length), default=max_length)
     labels = sample.labels[:cut]
-    if all(label == IGNORE for label in labels):
+    if not np.any(labels != IGNORE):
         return None
-    return Sample(sample.input_ids[:cut], labels, [e for e in sample.turn_ends if e <= cut])
+    return Sample(sample.input_ids[:cut].copy(), labels.copy(), [e for e in sample.turn_ends if e <= cut])
 
 
 def _split(row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: str, max_length: int) -> list[Sample]:
     if row.messages is None:  # text: consecutive windows of max_length tokens
         starts = range(0, len(sample.input_ids), max_length)
-        return [Sample(sample.input_ids[s : s + max_length], sample.labels[s : s + max_length]) for s in starts]
+        return [
+            Sample(sample.input_ids[s : s + max_length].copy(), sample.labels[s : s + max_length].copy())
+            for s in starts
+        ]
     trained = set(trained_turns(row.messages, train_on))
     messages = [{**m, "train": i in trained} if m["role"] == "assistant" else m for i, m in enumerate(row.messages)]
     system = messages[:1] if messages[0]["role"] == "system" else []

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from philora.data.formats import Conversation, RowProblem
 from philora.errors import UserError
@@ -45,13 +48,24 @@ class TemplateError(RowProblem):
 
 @dataclass
 class Sample:
-    input_ids: list[int]
-    labels: list[int]
+    """One training sequence as int32 arrays: labels equal the ids where trained and IGNORE elsewhere."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
     turn_ends: list[int] = field(default_factory=list)  # token index after each trained answer
 
     @property
     def trained(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        return int(np.count_nonzero(self.labels != IGNORE))
+
+    @classmethod
+    def of(cls, ids: list[int], spans: list[tuple[int, int]] | None, turn_ends: list[int] | None = None) -> Sample:
+        """Labels on the token spans given; None = every token (as a next-token target, so all but the first)."""
+        array = np.array(ids, dtype=np.int32)
+        labels = np.full_like(array, IGNORE)
+        for start, stop in [(1, len(ids))] if spans is None else spans:
+            labels[start:stop] = array[start:stop]
+        return cls(array, labels, turn_ends or [])
 
 
 def ensure_chat_template(tokenizer: Any) -> None:
@@ -111,8 +125,9 @@ class ChatEncoder:
     def tokenize(self, texts: list[str], special: bool = False) -> list[list[int]]:
         """Token ids of many texts in one call (the Rust backend's batch path when there is one)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+        if backend is not None:  # encode_batch_fast skips character offsets, which are not needed here
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=special)]
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
     def ids(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> list[int]:
@@ -149,8 +164,7 @@ class ChatEncoder:
                 plans.append(e)
         good = [p for p in plans if isinstance(p, _Plan)]
         for plan, ids in zip(good, self._tokenize_wholes(good), strict=True):
-            plan.ids, plan.labels = ids, [IGNORE] * len(ids)
-            plan.special_at = [k for k, t in enumerate(ids) if t in self.special_ids] if len(plan.texts) > 1 else []
+            plan.ids = ids
         cuts = [(plan, self._cut(plan, text)) for plan in good for text in plan.texts[1:] if plan.problem is None]
         tails = iter(self.tokenize([tail for _, (_, tail) in cuts]))
         for plan, (start, _tail) in cuts:
@@ -193,17 +207,22 @@ class ChatEncoder:
                 "of the whole conversation, so its assistant tokens cannot be located exactly"
             )
             return 0, ""
-        matches = list(self._special_text.finditer(prompt)) if self._special_text else []
-        if not matches:
+        found = deque(self._special_text.finditer(prompt), maxlen=1) if self._special_text else ()
+        if not found:
             return 0, prompt
-        at, n, last = plan.special_at, len(matches) - 1, matches[-1]
-        if n < len(at) and plan.ids[at[n]] == self._special_id_of.get(last.group()):
-            return at[n], prompt[last.start() :]
-        return 0, prompt
+        last = found[0]
+        # The k-th time the template wrote this special token is the k-th time its id occurs in the whole.
+        token, position = self._special_id_of[last.group()], -1
+        try:
+            for _ in range(prompt.count(last.group(), 0, last.start()) + 1):
+                position = plan.ids.index(token, position + 1)
+        except ValueError:
+            return 0, prompt
+        return position, prompt[last.start() :]
 
     def _add_answer(self, plan: _Plan, start: int, tail: list[int]) -> None:
         """Label the answer after the prompt that ends at start + len(tail) tokens, through its end-of-turn token."""
-        ids, turn = plan.ids, plan.turns[len(plan.ends)]
+        ids, turn = plan.ids, plan.turns[len(plan.spans)]
         end_of_prompt = start + len(tail)
         if ids[start:end_of_prompt] != tail:
             prompt = self.tokenize([self.render(plan.messages[:turn], generation_prompt=True)])[0]
@@ -221,8 +240,7 @@ class ChatEncoder:
         except TemplateError as e:
             plan.problem = e
             return
-        plan.labels[end_of_prompt:stop] = ids[end_of_prompt:stop]
-        plan.ends.append(stop)
+        plan.spans.append((end_of_prompt, stop))
 
     def _plan(self, row: Conversation, train_on: str) -> _Plan:
         if row.text is not None:
@@ -277,19 +295,17 @@ def _compiled_template(tokenizer: Any) -> Any:
 @dataclass
 class _Plan:
     """One row on its way to a sample: the renders it needs (the whole chat, then the prompt before each
-    trained answer), then the whole chat's tokens and the labels found so far."""
+    trained answer), then the whole chat's tokens and the answers found so far."""
 
     texts: list[str]
     turns: list[int]
     messages: list[dict[str, Any]]
     plain: bool = False  # the text format: every token trained
     ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    special_at: list[int] = field(default_factory=list)  # positions of special tokens in ids
+    spans: list[tuple[int, int]] = field(default_factory=list)  # the trained answers' token spans
     problem: RowProblem | None = None
 
     def sample(self) -> Sample:
         if not self.turns:  # text, or train_on: all
-            return Sample(self.ids, [IGNORE, *self.ids[1:]])
-        return Sample(self.ids, self.labels, self.ends)
+            return Sample.of(self.ids, None)
+        return Sample.of(self.ids, self.spans, [stop for _, stop in self.spans])

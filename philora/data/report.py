@@ -90,7 +90,7 @@ def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str
 def segments(sample: Sample, tokenizer: Any) -> list[tuple[str, bool]]:
     """The sample's text in runs of trained / not trained tokens."""
     runs: list[tuple[list[int], bool]] = []
-    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+    for token, label in zip(sample.input_ids.tolist(), sample.labels.tolist(), strict=True):
         trained = label != IGNORE
         if runs and runs[-1][1] == trained:
             runs[-1][0].append(token)
