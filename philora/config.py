@@ -221,10 +221,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     source = resolve_config_path(path or "demo")
     raw, lines = _read_yaml(source)
     problems: list[str] = []
-    for item in overrides:
-        _apply_override(raw, item, problems)
+    overridden = {key for item in overrides if (key := _apply_override(raw, item, problems))}
 
     def place(key: str) -> str:
+        if key in overridden:
+            return "--set"
         return f"{source}:{lines[key]}" if key in lines else str(source)
 
     config = _build(raw, problems, place)
@@ -268,21 +269,23 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
     return lines
 
 
-def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str | None:
+    """Set one `SECTION.KEY=VALUE`; the key it set, or None after adding a problem."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         problems.append(f"--set {item}: expected SECTION.KEY=VALUE, e.g. training_config.max_steps=20")
-        return
+        return None
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: take it as the literal string
     section = raw.setdefault(parts[0], {})
-    if isinstance(section, dict):
-        section[parts[1]] = value
-    else:
+    if not isinstance(section, dict):
         problems.append(f"--set {item}: section {parts[0]} is not a mapping in the config file")
+        return None
+    section[parts[1]] = value
+    return ".".join(parts)
 
 
 def _is_lora_option(key: str) -> bool:

@@ -56,9 +56,13 @@ def encode_all(
 
 
 def worker_count(num_proc: int | None, n: int) -> int:
+    """Processes to encode n conversations with: data.num_proc, else every core for large data. Workers are
+    forked (they share the loaded tokenizer); where the OS cannot fork, encoding stays in this process."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
     if num_proc is not None:
         return num_proc
-    if n < PARALLEL_FROM or "fork" not in multiprocessing.get_all_start_methods():
+    if n < PARALLEL_FROM:
         return 1
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 

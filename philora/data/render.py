@@ -227,9 +227,9 @@ class ChatEncoder:
         if ids[start:end_of_prompt] != tail:
             prompt = self.tokenize([self.render(plan.messages[:turn], generation_prompt=True)])[0]
             if ids[: len(prompt)] != prompt:
-                start = plan.messages[turn]["content"][:12]
+                opening = plan.messages[turn]["content"][:12]
                 plan.problem = TemplateError(
-                    f"messages[{turn}].content starts with {start!r}, which the tokenizer merges with the end of the "
+                    f"messages[{turn}].content starts with {opening!r}, which the tokenizer merges with the end of the "
                     "chat template's prompt, so the answer does not start on a token boundary (training would "
                     "not match generation); remove the leading whitespace from that message"
                 )
