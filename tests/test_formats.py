@@ -161,10 +161,12 @@ def test_folder_of_files(tmp_path: Path, encoder: ChatEncoder) -> None:
     (folder / "more").mkdir(parents=True)
     jsonl(folder / "a.jsonl", [ROWS["messages"]])
     jsonl(folder / "more" / "b.jsonl", [ROWS["messages"]] * 2)
+    (folder / "c.csv").write_text("instruction,output,system\nName a colour.,Blue.,Be brief.\n")
     (folder / ".hidden.jsonl").write_text("not read\n")
     (folder / "notes.txt").write_text("not read either\n")
     source = load(folder, encoder)
-    assert source.rows == 3
+    assert source.rows == 4 and source.format == "messages+alpaca"  # each file's format is its own
+    assert [r.conversation.messages for r in source.records] == [EXPECTED] * 4
     assert [r.conversation.source for r in source.records][-1] == f"{folder / 'more' / 'b.jsonl'}:2"
 
 

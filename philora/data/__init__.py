@@ -83,18 +83,21 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
     """Read, convert and encode one source, reusing the cached encoding of identical inputs."""
     source = read_source(spec, purpose)
     columns = Columns(dc.columns)
-    fmt = detect(source, columns) if dc.format == "auto" else dc.format
-    check_columns(source, fmt, columns)
+    formats = []  # per file: a folder may mix formats
     rows: list[Conversation | str] = []  # a conversation, or the problem that rejected the row
-    for raw in source.rows:
-        try:
-            rows.append(to_conversation(raw.value, raw.where, fmt, columns))
-        except RowProblem as e:
-            rows.append(f"{raw.where}: {e}")
+    for part in source.parts:
+        fmt = detect(part, columns) if dc.format == "auto" else dc.format
+        check_columns(part, fmt, columns)
+        formats.append(fmt)
+        for raw in part.rows:
+            try:
+                rows.append(to_conversation(raw.value, raw.where, fmt, columns))
+            except RowProblem as e:
+                rows.append(f"{raw.where}: {e}")
     conversations = [r for r in rows if isinstance(r, Conversation)]
     digest = source.digest.hexdigest()
     settings = (dc.train_on, dc.max_length, dc.overlong)
-    entry = cache.key(digest, fmt, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings)
+    entry = cache.key(digest, formats, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings)
     outcomes = cache.load(entry) if dc.cache else None
     from_cache = outcomes is not None and len(outcomes) == len(conversations)
     if not from_cache:
@@ -114,7 +117,8 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
         else:
             records.append(Record(conversation, outcome))
     untrained = sum(o.fit == "untrained" for o in outcomes)
-    return SourceData(spec, fmt, len(rows), records, problems, digest, from_cache, untrained)
+    described = "+".join(dict.fromkeys(formats))
+    return SourceData(spec, described, len(rows), records, problems, digest, from_cache, untrained)
 
 
 def prepare(dc: DataSection, tokenizer: Any, seed: int) -> PreparedData:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from philora.data.sources import BadRow, Source
+from philora.data.sources import BadRow, Part
 from philora.errors import UserError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -87,9 +87,9 @@ class Columns:
         return self.mapping.get(name, name)
 
 
-def detect(source: Source, columns: Columns) -> str:
-    """The format of a source, from the keys of its first object row."""
-    first = next((row for row in source.rows if isinstance(row.value, dict)), None)
+def detect(part: Part, columns: Columns) -> str:
+    """The format of one file, from the keys of its first object row."""
+    first = next((row for row in part.rows if isinstance(row.value, dict)), None)
     if first is None:
         return "messages"  # every row is already a problem; they are reported as such
     keys = set(first.value)
@@ -103,24 +103,24 @@ def detect(source: Source, columns: Columns) -> str:
     )
 
 
-def check_columns(source: Source, fmt: str, columns: Columns) -> None:
+def check_columns(part: Part, fmt: str, columns: Columns) -> None:
     """A table (CSV, parquet, datasets) must have the format's columns, with types that can hold them."""
-    if source.columns is None:
+    if part.columns is None:
         return
-    have = ", ".join(sorted(source.columns)) or "none"
-    missing = [columns[f] for f in REQUIRED[fmt] if columns[f] not in source.columns]
+    have = ", ".join(sorted(part.columns)) or "none"
+    missing = [columns[f] for f in REQUIRED[fmt] if columns[f] not in part.columns]
     if missing:
         raise UserError(
-            f"{source.name}: no column {', '.join(map(repr, missing))} (columns: {have}); the {fmt} format needs "
+            f"{part.name}: no column {', '.join(map(repr, missing))} (columns: {have}); the {fmt} format needs "
             f"{', '.join(columns[f] for f in REQUIRED[fmt])}; rename them, map them with data.columns, "
             "or set data.format"
         )
     for name in (*REQUIRED[fmt], "input", "system", "history"):
-        kind = source.columns.get(columns[name])
+        kind = part.columns.get(columns[name])
         wanted = ("list", "string") if name in LIST_FIELDS or fmt == "prompt_completion" else ("string",)
         if kind is not None and kind not in wanted and kind != "null":
             what = "a list of messages (or JSON text of one)" if "list" in wanted else "text"
-            raise UserError(f"{source.name}: column {columns[name]!r} holds {kind}; the {fmt} format needs {what}")
+            raise UserError(f"{part.name}: column {columns[name]!r} holds {kind}; the {fmt} format needs {what}")
 
 
 def to_conversation(value: Any, where: str, fmt: str, columns: Columns) -> Conversation:

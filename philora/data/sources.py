@@ -1,8 +1,9 @@
 """Where rows come from: .jsonl, .json, .csv, .parquet files, folders of them, saved `datasets` dirs, hub ids.
 
 Every row arrives with the place it came from (`file:line`, or `file: row N` where a format has no lines), so
-a problem can always be named where the user can find it. Problems with a whole file (unreadable, empty,
-missing CSV columns, a parquet schema that cannot hold the format) stop at once as a UserError.
+a problem can always be named where the user can find it. Each file (or dataset split) is a Part, whose format
+is detected on its own. Problems with a whole file (missing, unreadable, empty, a JSON array that does not parse)
+stop at once as a UserError.
 """
 
 from __future__ import annotations
@@ -36,13 +37,25 @@ class RawRow:
 
 
 @dataclass
-class Source:
-    """The rows of one data source, and a fingerprint of its content for the cache key."""
+class Part:
+    """The rows of one file (or dataset split): the unit whose format is detected and whose columns are checked."""
 
     name: str
     rows: list[RawRow] = field(default_factory=list)
+    columns: dict[str, str] | None = None  # a table's columns and their kinds (list, string, ...)
+
+
+@dataclass
+class Source:
+    """The parts of one data source, and a fingerprint of its content for the cache key."""
+
+    name: str
+    parts: list[Part] = field(default_factory=list)
     digest: Any = field(default_factory=hashlib.sha256)
-    columns: dict[str, str] | None = None  # a table's columns and their kinds (list, string, ...): checked whole
+
+    @property
+    def rows(self) -> list[RawRow]:
+        return [row for part in self.parts for row in part.rows]
 
 
 def read_source(spec: str, purpose: str = "train") -> Source:
@@ -80,17 +93,18 @@ def _read_file(path: Path, source: Source) -> None:
     except OSError as e:
         raise UserError(f"{path}: cannot read the data file ({e.strerror or e})") from None
     source.digest.update(raw)
-    before = len(source.rows)
+    part = Part(str(path))
     if path.suffix == ".parquet":
-        _read_parquet(path, source)
+        _read_parquet(path, part)
     elif path.suffix == ".csv":
-        _read_csv(path, _decode_whole(path, raw), source)
+        _read_csv(path, _decode_whole(path, raw), part)
     elif path.suffix == ".json" and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-        _read_json_array(path, _decode_whole(path, raw), source)
+        _read_json_array(path, _decode_whole(path, raw), part)
     else:  # .jsonl, and .json files that hold JSON lines
-        _read_json_lines(path, raw, source)
-    if len(source.rows) == before:
+        _read_json_lines(path, raw, part)
+    if not part.rows:
         raise UserError(f"{path}: the file has no rows")
+    source.parts.append(part)
 
 
 def _decode_whole(path: Path, raw: bytes) -> str:
@@ -101,23 +115,23 @@ def _decode_whole(path: Path, raw: bytes) -> str:
         raise UserError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
 
 
-def _read_json_lines(path: Path, raw: bytes, source: Source) -> None:
+def _read_json_lines(path: Path, raw: bytes, part: Part) -> None:
     """One row per line; blank lines are not rows, and a bad line is a bad row, not a bad file."""
     for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            source.rows.append(RawRow(json.loads(line.decode("utf-8")), where))
+            part.rows.append(RawRow(json.loads(line.decode("utf-8")), where))
         except UnicodeDecodeError as e:
             reason = f"invalid UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8"
-            source.rows.append(RawRow(BadRow(reason), where))
+            part.rows.append(RawRow(BadRow(reason), where))
         except json.JSONDecodeError as e:
             reason = f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
-            source.rows.append(RawRow(BadRow(reason), where))
+            part.rows.append(RawRow(BadRow(reason), where))
 
 
-def _read_json_array(path: Path, text: str, source: Source) -> None:
+def _read_json_array(path: Path, text: str, part: Part) -> None:
     """A JSON array of rows; each row keeps the line it starts on."""
     decoder = json.JSONDecoder()
     position = text.index("[") + 1
@@ -135,7 +149,7 @@ def _read_json_array(path: Path, text: str, source: Source) -> None:
                 f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file, or write one "
                 "row per line as .jsonl so one bad row does not hide the rest"
             ) from None
-        source.rows.append(RawRow(value, f"{path}:{line}"))
+        part.rows.append(RawRow(value, f"{path}:{line}"))
         position = _skip_blank(text, position)
         if position < len(text) and text[position] == ",":
             position += 1
@@ -150,10 +164,10 @@ def _skip_blank(text: str, position: int) -> int:
     return position
 
 
-def _read_csv(path: Path, text: str, source: Source) -> None:
+def _read_csv(path: Path, text: str, part: Part) -> None:
     reader = csv.DictReader(text.splitlines(keepends=True))
     header = reader.fieldnames or []
-    _add_columns(source, dict.fromkeys(header, "string"))
+    part.columns = dict.fromkeys(header, "string")
     start = reader.line_num + 1
     for row in reader:
         value: Any = row
@@ -161,11 +175,11 @@ def _read_csv(path: Path, text: str, source: Source) -> None:
             value = BadRow(f"more cells than the {len(header)} header columns; quote cells that hold commas")
         elif any(cell is None for cell in row.values()):
             value = BadRow(f"fewer cells than the {len(header)} header columns")
-        source.rows.append(RawRow(value, f"{path}:{start}"))
+        part.rows.append(RawRow(value, f"{path}:{start}"))
         start = reader.line_num + 1
 
 
-def _read_parquet(path: Path, source: Source) -> None:
+def _read_parquet(path: Path, part: Part) -> None:
     try:
         import pyarrow.parquet as pq
 
@@ -174,9 +188,9 @@ def _read_parquet(path: Path, source: Source) -> None:
         raise UserError(f"{path}: reading parquet needs pyarrow; pip install pyarrow") from None
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for damaged files
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
-    _add_columns(source, _arrow_kinds(table.schema))
+    part.columns = _arrow_kinds(table.schema)
     for i, row in enumerate(table.to_pylist(), start=1):
-        source.rows.append(RawRow(row, f"{path}: row {i}"))
+        part.rows.append(RawRow(row, f"{path}: row {i}"))
 
 
 def _arrow_kinds(schema: Any) -> dict[str, str]:
@@ -190,14 +204,6 @@ def _arrow_kinds(schema: Any) -> dict[str, str]:
         return str(t)
 
     return {name: kind(t) for name, t in zip(schema.names, schema.types, strict=True)}
-
-
-def _add_columns(source: Source, columns: dict[str, str]) -> None:
-    """Record a table's columns; a folder of tables keeps the columns all of them share."""
-    if source.columns is None:
-        source.columns = dict(columns)
-    else:
-        source.columns = {k: v for k, v in source.columns.items() if columns.get(k) == v}
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -251,6 +257,6 @@ def _read_hub(spec: str, purpose: str, source: Source) -> None:
 
 def _add_dataset(dataset: Any, name: str, source: Source) -> None:
     source.digest.update(str(getattr(dataset, "_fingerprint", name)).encode())
-    _add_columns(source, _arrow_kinds(dataset.features.arrow_schema))
-    for i, row in enumerate(dataset.to_list(), start=1):
-        source.rows.append(RawRow(row, f"{name}: row {i}"))
+    part = Part(name, columns=_arrow_kinds(dataset.features.arrow_schema))
+    part.rows = [RawRow(row, f"{name}: row {i}") for i, row in enumerate(dataset.to_list(), start=1)]
+    source.parts.append(part)
