@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from philora.errors import UserError
-from philora.validate import check_type, check_values, coerce_numeric
+from philora.validate import check_type, check_values, coerce
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -97,11 +97,18 @@ class PeftSection:
     task_type: Literal["CAUSAL_LM"] = doc("CAUSAL_LM", "peft task type; philora trains causal LMs")
     target_modules: str | list[str] = doc(
         "all-linear",
-        "modules that get LoRA: all-linear (every linear layer but the LM head; on Phi-3 qkv_proj, o_proj,"
-        " gate_up_proj, down_proj) or a list of module names; a name that matches nothing is an error",
+        "modules that get LoRA: a preset (all-linear = every linear layer but the LM head; attention; mlp;"
+        " qv = q and v only) or a list of module names, where qkv_proj:q,v or gate_up_proj:up adapts only those"
+        " slices of Phi-3's fused projections; a name that matches nothing is an error",
     )
     modules_to_save: list[str] | None = doc(None, "modules trained in full and saved with the adapter")
     use_rslora: bool = doc(False, "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)")
+    use_dora: bool = doc(False, "DoRA: a trained magnitude per output row on top of LoRA's direction update")
+    init_lora_weights: bool | str = doc(
+        True,
+        "true = A random, B zero; gaussian; pissa (or pissa_niter_N) and olora start from the weights' principal"
+        " directions (the adapter is saved converted, so it applies to the original base)",
+    )
     layers_to_transform: list[int] | None = doc(None, "only these layer indices get LoRA (null = all)")
 
 
@@ -320,7 +327,7 @@ def _build(raw: dict[str, Any], problems: list[str], place: Any) -> Config:
                 else:
                     problems.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
                 continue
-            value = coerce_numeric(value, hints[key])
+            value = coerce(value, hints[key])
             if (error := check_type(value, hints[key])) is not None:
                 problems.append(f"{where}: {error}")
                 continue

@@ -15,6 +15,7 @@ from philora import __version__, hardware
 from philora.config import Config
 from philora.data import PreparedData
 from philora.data import report as data_report
+from philora.lora.targets import trainable_parameters
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
 
@@ -39,7 +40,7 @@ def write_run_record(
     evaluation: dict[str, Any] | None,
     wall_seconds: float,
 ) -> None:
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = trainable_parameters(model)
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     record = {

@@ -7,6 +7,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,18 @@ from typing import Any
 import torch
 
 from philora import checkpoint, data, evaluate, hardware
-from philora.config import Config, TrainingSection
+from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
 from philora.data.batching import Row, collate, one_per_row, pack
 from philora.data.render import IGNORE
 from philora.errors import UserError
 from philora.logs import MetricsLog, plot_losses
-from philora.lora.targets import apply_lora
+from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
 from philora.loss import TokenLoss
 from philora.model import load_model, load_tokenizer
 from philora.report import write_run_record
 
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json")
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "lora-init")
 
 
 class LossDiverged(UserError):
@@ -164,7 +165,13 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     model = load_model(config.model, training=True)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
-    model = apply_lora(model, config.peft_config)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
+    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
+    want_generations = tc.predict_with_generate and bool(prompts)
+    if want_generations and resume_from is None:  # the base model, before any adapter touches it
+        state["answers_before"] = run_generation(model, prepared, prompts, tc, "base model")
+    model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
+    initial = save_initial_adapter(model, out, config.peft_config)
 
     dev = hardware.device()
     accelerator = Accelerator(mixed_precision=mixed_precision(tc, dev), cpu=dev.type == "cpu")
@@ -173,20 +180,15 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
 
     log = MetricsLog(out / "metrics.jsonl")
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
-    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
-    want_generations = tc.predict_with_generate and bool(prompts)
     if resume_from is not None:
         state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
         log.truncate_after(state["step"])
         print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
-    elif want_generations:
-        with model.disable_adapter():
-            state["answers_before"] = run_generation(model, prepared, prompts, tc, "base model")
 
     loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
 
-    model.save_pretrained(out / "adapter")
+    # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
+    model.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=initial)
     tokenizer.save_pretrained(out / "adapter")
     plot_losses(log.records, out / "loss.png")
     evaluation = None
@@ -198,6 +200,21 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
+
+
+def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
+    """For initialisations that rewrite the base weights (PiSSA, OLoRA), the adapter as initialised, which peft
+    needs to convert the trained one back onto the original base; None for the others."""
+    if not str(pc.init_lora_weights).startswith(INIT_FROM_WEIGHTS):
+        return None
+    path = out / "lora-init"
+    lora_config = model.peft_config["default"]
+    lora_config.init_lora_weights = True  # peft's convention for the saved starting point
+    with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters need converting: this is for that
+        warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+        model.save_pretrained(path)
+    lora_config.init_lora_weights = pc.init_lora_weights
+    return str(path)
 
 
 def run_generation(model: Any, prepared: data.PreparedData, prompts: list, tc: TrainingSection, who: str) -> list:

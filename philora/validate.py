@@ -51,8 +51,15 @@ def check_type(value: Any, tp: Any) -> str | None:
     return None if matches(value, tp) else f"expected {describe(tp)}, got {value!r}"
 
 
-def coerce_numeric(value: Any, tp: Any) -> Any:
-    """YAML 1.1 reads `5e-6` (no dot) as a string; take such strings as numbers where a number is expected."""
+YAML_BOOL_WORDS = {False: ("no", "false", "off"), True: ("yes", "true", "on")}
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Undo two YAML 1.1 surprises where the field says what was meant: `5e-6` (no dot) read as a string where
+    a number is expected, and `no`/`off` read as false where a word like "no" is one of the allowed values."""
+    if isinstance(value, bool) and not matches(value, tp):
+        words = [w for w in YAML_BOOL_WORDS[value] if matches(w, tp)]
+        return words[0] if words else value
     if not isinstance(value, str) or matches(value, tp):
         return value
     for kind in (int, float):
@@ -69,8 +76,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("peft_config.r", lambda v: v >= 1, "use a rank >= 1 (8-64 is typical)"),
     ("peft_config.lora_alpha", lambda v: v > 0, "use a positive value (often 2*r)"),
     ("peft_config.lora_dropout", lambda v: 0 <= v < 1, "use a value in [0, 1)"),
-    ("peft_config.target_modules", lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
-     "use all-linear or a non-empty list of module names"),
+    ("peft_config.target_modules", lambda v: v in ("all-linear", "attention", "mlp", "qv")
+     or (isinstance(v, list) and len(v) > 0), "use all-linear, attention, mlp, qv or a non-empty list of module names"),
     ("training_config.learning_rate", lambda v: v > 0, "use a positive value"),
     ("training_config.num_train_epochs", lambda v: v > 0, "use a positive value"),
     ("training_config.max_steps", lambda v: v == -1 or v >= 1, "use -1 (derive from epochs) or >= 1"),
@@ -92,6 +99,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "philora always keeps only the token columns; remove the key or set it to true"),
     ("training_config.gradient_checkpointing_kwargs", lambda v: set(v or {}) <= {"use_reentrant"},
      "only use_reentrant is supported"),
+    ("peft_config.init_lora_weights", lambda v: v in (True, False, "gaussian", "pissa", "olora")
+     or str(v).startswith("pissa_niter_"), "use true, false, gaussian, pissa, pissa_niter_N or olora"),
     ("data.max_length", lambda v: v >= 16, "use at least 16 tokens"),
     ("data.max_eval_samples", lambda v: v is None or v >= 1, "use >= 1, or null for all"),
     ("data.num_proc", lambda v: v is None or v >= 1, "use >= 1, or null for all cores"),

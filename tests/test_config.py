@@ -101,7 +101,7 @@ def test_wrong_types_and_unknown_sections(tmp_path: Path) -> None:
 
 
 def test_options_philora_does_not_honour_are_named(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path / "c.yaml", "training_config:\n  deepspeed: ds.json\npeft_config:\n  use_dora: true\n")
+    path = write_yaml(tmp_path / "c.yaml", "training_config:\n  deepspeed: ds.json\npeft_config:\n  loftq_config: {}\n")
     with pytest.raises(UserError) as e:
         load_config(str(path))
     assert all("philora does not honour this option yet" in p for p in e.value.problems)

@@ -16,6 +16,7 @@ import torch
 
 from philora.config import PeftSection
 from philora.errors import UserError
+from philora.lora import slices
 
 # Unfused names other tools use, and the Phi-3 module that holds them.
 FUSED_HOME = {
@@ -44,19 +45,46 @@ def linear_names(model: torch.nn.Module) -> dict[str, int]:
     return dict(counts)
 
 
+# Presets by name, for Phi-3's fused layout and for the unfused (Llama-style) one.
+PRESETS = {
+    "attention": (["qkv_proj", "o_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "mlp": (["gate_up_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj"]),
+    "qv": (["qkv_proj:q,v"], ["q_proj", "v_proj"]),
+}
+INIT_FROM_WEIGHTS = ("pissa", "olora")  # initialisations that rewrite the base weights
+
+
 def resolve_targets(model: torch.nn.Module, target_modules: str | list[str]) -> list[str]:
-    """`all-linear` becomes the explicit list of linear layer names; a list is checked name by name."""
+    """Presets become explicit lists; every name (and `module:slices` entry) is checked against the model."""
     available = linear_names(model)
     if target_modules == "all-linear":
         return sorted(available)
+    if isinstance(target_modules, str):
+        if target_modules not in PRESETS:
+            raise UserError(
+                f"peft_config.target_modules: {target_modules!r} is not a preset; use all-linear, "
+                f"{', '.join(PRESETS)}, or a list of module names"
+            )
+        fused, unfused = PRESETS[target_modules]
+        if "qkv_proj" in available:
+            return list(fused)
+        if all(name in available for name in unfused):
+            return list(unfused)
+        raise UserError(
+            f"peft_config.target_modules: the preset {target_modules!r} knows Phi-3 and Llama-style module names; "
+            f"list this model's own instead (its linear layers are {', '.join(sorted(available))})"
+        )
     names = [name for name, _ in model.named_modules()]
     # peft's rule: a target matches a module whose full name equals it or ends with "." + target.
-    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    modules = [t.partition(":")[0] for t in target_modules]
+    for target in target_modules:
+        slices.parse(target)  # a malformed slice spec is reported before anything else
+    missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         hint = ""
         if any(m in FUSED_HOME for m in missing) and "qkv_proj" in available:
             homes = sorted({FUSED_HOME[m] for m in missing if m in FUSED_HOME})
-            hint = f" (this model fuses them: use {', '.join(homes)})"
+            hint = f" (this model fuses them: use {', '.join(homes)}, or slices like qkv_proj:q,v)"
         raise UserError(
             f"peft_config.target_modules: {', '.join(missing)} match no module of {type(model).__name__}{hint}; "
             f"its linear layers are {', '.join(sorted(available))}"
@@ -64,25 +92,63 @@ def resolve_targets(model: torch.nn.Module, target_modules: str | list[str]) -> 
     return list(target_modules)
 
 
-def apply_lora(model: Any, pc: PeftSection) -> Any:
+def apply_lora(model: Any, pc: PeftSection, quantized: bool = False) -> Any:
     """Wrap `model` in a peft LoRA model per `pc`, print what was adapted, and return it."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, pc.target_modules)
+    specs = [spec for t in targets if (spec := slices.parse(t)) is not None]
+    _check_variants(pc, specs, quantized)
+    ranks, alphas = slices.patterns(specs, pc.r, pc.lora_alpha, pc.use_rslora)
     lora_config = LoraConfig(
         task_type=pc.task_type,
         r=pc.r,
         lora_alpha=pc.lora_alpha,
         lora_dropout=pc.lora_dropout,
         bias=pc.bias,
-        target_modules=targets,
+        target_modules=[t.partition(":")[0] for t in targets],
         modules_to_save=pc.modules_to_save,
         use_rslora=pc.use_rslora,
+        use_dora=pc.use_dora,
+        init_lora_weights=pc.init_lora_weights,
         layers_to_transform=pc.layers_to_transform,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
     )
     peft_model = get_peft_model(model, lora_config)
+    slices.restrict(peft_model, specs, pc.r)
     print(describe_adapters(peft_model), file=sys.stderr)
     return peft_model
+
+
+def _check_variants(pc: PeftSection, specs: list[slices.SliceSpec], quantized: bool) -> None:
+    init = str(pc.init_lora_weights)
+    from_weights = init.startswith(INIT_FROM_WEIGHTS)
+    problems = []
+    if specs and pc.use_dora:
+        problems.append(
+            "peft_config.use_dora: DoRA rescales every output row of a module, so slices left out would change too; "
+            "use whole modules with DoRA"
+        )
+    if specs and (from_weights or init == "False"):
+        problems.append(
+            f"peft_config.init_lora_weights: {pc.init_lora_weights!r} starts B away from zero, which slices need; "
+            "use true or gaussian with module:slices targets"
+        )
+    if from_weights and quantized:
+        problems.append(
+            f"peft_config.init_lora_weights: {init} initialises from the full-precision weights; train it on a base "
+            "without model.quantization"
+        )
+    if problems:
+        raise UserError(*problems)
+
+
+def trainable_parameters(peft_model: Any) -> tuple[int, int]:
+    """(trainable, total) as peft counts them, less the B entries that slices hold at zero."""
+    trainable, total = peft_model.get_nb_trainable_parameters()  # counts 4-bit packed weights correctly
+    held = sum(int((m.philora_slice_mask == 0).sum()) for m in peft_model.modules() if hasattr(m, "philora_slice_mask"))
+    return trainable - held, total
 
 
 def describe_adapters(peft_model: Any) -> str:
@@ -90,7 +156,7 @@ def describe_adapters(peft_model: Any) -> str:
     from peft.tuners.lora import LoraLayer
 
     adapted = Counter(n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
-    trainable, total = peft_model.get_nb_trainable_parameters()  # counts 4-bit packed weights correctly
+    trainable, total = trainable_parameters(peft_model)
     modules = ", ".join(f"{name} x{count}" for name, count in sorted(adapted.items()))
     return (
         f"philora: LoRA on {sum(adapted.values())} modules ({modules}): "
