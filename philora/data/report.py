@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 BINS = 8
 BAR = 30
 ELIDE = 400  # untrained stretches longer than this many characters are shortened in the sample view
+MAX_LINES = 40  # and samples longer than this many lines
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -101,17 +102,22 @@ def segments(sample: Sample, tokenizer: Any) -> list[tuple[str, bool]]:
 
 
 def highlight(sample: Sample, tokenizer: Any, color: bool) -> list[str]:
-    """The sample as text with trained tokens marked: green on a terminal, ⟦…⟧ elsewhere."""
+    """The sample as text with trained tokens marked: green on a terminal, ⟦…⟧ elsewhere; long ones shortened."""
     legend = "trained tokens in green" if color else "trained tokens inside ⟦ ⟧"
     parts = []
     for text, trained in segments(sample, tokenizer):
-        if trained:
-            parts.append(f"\x1b[1;32m{text}\x1b[0m" if color else f"⟦{text}⟧")
-            continue
-        if len(text) > ELIDE:
+        if not trained and len(text) > ELIDE:
             text = f"{text[:150]} … ({len(text) - 300:,} characters) … {text[-150:]}"
-        parts.append(f"\x1b[2m{text}\x1b[0m" if color else text)
-    return [f"one sample, {legend}:", *"".join(parts).rstrip("\n").split("\n")]
+        if color:  # per line, so that every printed line starts and ends uncoloured
+            code = "\x1b[1;32m" if trained else "\x1b[2m"
+            text = "\n".join(f"{code}{line}\x1b[0m" if line else line for line in text.split("\n"))
+        elif trained:
+            text = f"⟦{text}⟧"
+        parts.append(text)
+    lines = "".join(parts).rstrip("\n").split("\n")
+    if len(lines) > MAX_LINES:
+        lines = [*lines[: MAX_LINES - 10], f"… ({len(lines) - MAX_LINES + 2} lines) …", *lines[-8:]]
+    return [f"one sample, {legend}:", *lines]
 
 
 def describe(prepared: PreparedData, dc: DataSection, color: bool = False) -> list[str]:
