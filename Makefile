@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint format clean bench-data
+.PHONY: setup demo test lint format clean bench-data bench-train
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test: lint
 
 bench-data: setup
 	$(BIN)/python bench/data_prep.py
+
+bench-train: setup
+	$(BIN)/python bench/train_speed.py
 
 lint: setup
 	$(BIN)/ruff check .
