@@ -14,12 +14,21 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if path.exists():  # a resumed run continues its own log
-            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(lines, start=1):
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if number < len(lines):
+                        raise
+                    # the last line was cut by a kill mid-write; resuming rewrites the log without it
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run replays them) and rewrite the file."""
+        """Drop records past `step` (a resumed run replays them) and rewrite the file, atomically."""
         self.records = [r for r in self.records if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)

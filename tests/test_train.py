@@ -198,3 +198,42 @@ def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, 
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     losses = [r["loss"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
     assert losses and all(0 < loss < 20 for loss in losses)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    """kill -9 a real run at a random step, leave a half-written checkpoint and a torn log line behind as a kill
+    inside a write would, resume: the same adapter bytes and the same losses as a run never interrupted."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=8, save_steps=1)
+    whole = train(load_config(str(path), [f"training_config.output_dir={tmp_path / 'whole'}"])).output_dir
+    cut = tmp_path / "cut"
+    stop_at = random.Random().randint(2, 6)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "philora", "train", "--config", str(path), "--output", str(cut)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (cut / "checkpoints" / f"step-{stop_at}").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, f"the run ended before step {stop_at}"
+    newest = checkpoint.checkpoints(cut)[-1]
+    step = int(newest.name.removeprefix("step-"))
+    assert step < 8
+    partial = cut / "checkpoints" / f".tmp-step-{step + 1}"  # what a kill inside the next save leaves
+    (partial / "adapter").mkdir(parents=True, exist_ok=True)
+    (partial / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with (cut / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "loss": 1.2')  # a line cut in the middle
+    assert cli.main(["train", "--config", str(path), "--output", str(cut), "--resume"]) == 0
+    adapter = "adapter/adapter_model.safetensors"
+    assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes()
+    losses = [r.get("loss") for r in read_jsonl(whole / "metrics.jsonl")]
+    assert losses == [r.get("loss") for r in read_jsonl(cut / "metrics.jsonl")]
