@@ -237,3 +237,27 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_phi3: Path, tiny_dat
     assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes()
     losses = [r.get("loss") for r in read_jsonl(whole / "metrics.jsonl")]
     assert losses == [r.get("loss") for r in read_jsonl(cut / "metrics.jsonl")]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from philora import train as train_module
+
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, save_steps=2)
+    real_step, calls = train_module.optimizer_step, []
+
+    def diverging(*args: object, **kwargs: object) -> tuple:
+        loss, trained, norm = real_step(*args, **kwargs)
+        calls.append(loss)
+        return (float("nan") if len(calls) == 3 else loss), trained, norm
+
+    monkeypatch.setattr(train_module, "optimizer_step", diverging)
+    out = tmp_path / "out"
+    assert cli.main(["train", "--config", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "philora: error: training: the loss became nan at step 3; lower training_config.learning_rate" in err
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-2'}" in err and "Traceback" not in err
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-2"] and not (out / "adapter").exists()
+    saved = load_file(out / "checkpoints/step-2/adapter/adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
