@@ -161,7 +161,12 @@ class TrainingSection:
         False, "generate answers to the eval prompts before and after training and report exact match"
     )
     generation_max_length: int = doc(128, "new tokens per generated eval answer")
-    run_name: str | None = doc(None, "a name recorded in run.json")
+    run_name: str | None = doc(None, "a name recorded in run.json (and the run's name in wandb/mlflow)")
+    report_to: str | list[str] = doc(
+        "none",
+        "where metrics also go, besides metrics.jsonl: none, tensorboard, wandb, mlflow, or a list of them",
+    )
+    logging_dir: str | None = doc(None, "TensorBoard event files (null = OUTPUT/runs)")
 
 
 SECTIONS: dict[str, type] = {
@@ -175,7 +180,6 @@ SECTIONS: dict[str, type] = {
 # (LoraConfig's own field names are added when needed: importing peft here would slow every import.)
 NOT_HONOURED = {
     "training_config": {
-        "report_to",
         "torch_compile",
         "deepspeed",
         "fsdp",

@@ -1,4 +1,5 @@
-"""What a run records while it trains: metrics.jsonl, and loss.png drawn from it."""
+"""What a run records while it trains: metrics.jsonl, loss.png drawn from it, and the same numbers sent to
+TensorBoard, Weights & Biases or MLflow when `training_config.report_to` names them."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 class MetricsLog:
     """Append-only JSON lines, one per logged step or evaluation; kept in memory for plotting."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sinks: list[Any] | None = None) -> None:
         self.path = path
+        self.sinks = sinks or []
         self.records: list[dict[str, Any]] = []
         if path.exists():  # a resumed run continues its own log
             lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -34,6 +36,81 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for sink in self.sinks:
+            sink.log(values, record["step"])
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class TensorBoard:
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(_tag(name), value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    def __init__(self, name: str | None, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.run = wandb.init(project="philora", name=name, config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log({_tag(k): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflow:
+    def __init__(self, name: str | None, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=name)
+        mlflow.log_params({f"{s}.{k}": v for s, values in config.items() for k, v in values.items()})
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({_tag(k).replace("/", "_"): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _tag(name: str) -> str:
+    """loss -> train/loss, eval_loss -> eval/loss: the usual grouping in dashboards."""
+    return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+
+
+def reporters(report_to: str | list[str], log_dir: Path, name: str | None, config: dict[str, Any]) -> list[Any]:
+    """The sinks `report_to` names; a missing package is a UserError that says what to install."""
+    from philora.errors import UserError
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    sinks: list[Any] = []
+    for kind in dict.fromkeys(n for n in names if n != "none"):
+        try:
+            if kind == "tensorboard":
+                sinks.append(TensorBoard(log_dir))
+            elif kind == "wandb":
+                sinks.append(WandB(name, config))
+            else:
+                sinks.append(MLflow(name, config))
+        except ImportError:
+            package = {"tensorboard": "tensorboard"}.get(kind, kind)
+            raise UserError(f"training_config.report_to: {kind} needs its package; pip install {package}") from None
+    return sinks
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:

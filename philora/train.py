@@ -20,13 +20,13 @@ from philora.data import report as data_report
 from philora.data.batching import Row, collate, one_per_row, pack
 from philora.data.render import IGNORE
 from philora.errors import UserError
-from philora.logs import MetricsLog, plot_losses
+from philora.logs import MetricsLog, plot_losses, reporters
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
 from philora.loss import TokenLoss
 from philora.model import load_model, load_tokenizer
 from philora.report import write_run_record
 
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "lora-init")
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "lora-init", "runs")
 
 
 class LossDiverged(UserError):
@@ -156,6 +156,8 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     resume_from = check_resume(out, resume, config)
     set_log_level(tc.log_level)
     set_seed(tc.seed)
+    log_dir = Path(tc.logging_dir) if tc.logging_dir else out / "runs"
+    sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict())  # before the slow parts: fail early
 
     tokenizer = load_tokenizer(config.model)
     prepared = data.prepare(config.data, tokenizer, tc.seed)
@@ -179,7 +181,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
 
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", sinks)
     if resume_from is not None:
         state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
         log.truncate_after(state["step"])
@@ -191,6 +193,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     model.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=initial)
     tokenizer.save_pretrained(out / "adapter")
     plot_losses(log.records, out / "loss.png")
+    log.close()
     evaluation = None
     if want_generations:
         after = run_generation(model, prepared, prompts, tc, "fine-tuned model")

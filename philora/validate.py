@@ -71,6 +71,8 @@ def coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+REPORTERS = ("none", "tensorboard", "wandb", "mlflow")
+
 # (section.key, test, fix) for values that have the right type but cannot work.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("peft_config.r", lambda v: v >= 1, "use a rank >= 1 (8-64 is typical)"),
@@ -101,6 +103,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "only use_reentrant is supported"),
     ("peft_config.init_lora_weights", lambda v: v in (True, False, "gaussian", "pissa", "olora")
      or str(v).startswith("pissa_niter_"), "use true, false, gaussian, pissa, pissa_niter_N or olora"),
+    ("training_config.report_to", lambda v: set([v] if isinstance(v, str) else v) <= set(REPORTERS),
+     "use none, tensorboard, wandb, mlflow, or a list of them"),
     ("data.max_length", lambda v: v >= 16, "use at least 16 tokens"),
     ("data.max_eval_samples", lambda v: v is None or v >= 1, "use >= 1, or null for all"),
     ("data.num_proc", lambda v: v is None or v >= 1, "use >= 1, or null for all cores"),

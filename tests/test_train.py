@@ -261,3 +261,29 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert [p.name for p in checkpoint.checkpoints(out)] == ["step-2"] and not (out / "adapter").exists()
     saved = load_file(out / "checkpoints/step-2/adapter/adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_metrics_go_to_tensorboard(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, report_to="tensorboard")
+    out = train(load_config(str(path), [f"training_config.output_dir={tmp_path / 'out'}"])).output_dir
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    records = read_jsonl(out / "metrics.jsonl")
+    logged = [r for r in records if "loss" in r]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in logged]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged])
+    assert [e.step for e in events.Scalars("eval/loss")] == [r["step"] for r in records if "eval_loss" in r]
+
+
+def test_a_reporter_without_its_package_says_what_to_install(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; its missing-package message cannot be shown")
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, report_to=["tensorboard", "wandb"])
+    assert cli.main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "training_config.report_to: wandb needs its package; pip install wandb" in capsys.readouterr().err
