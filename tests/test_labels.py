@@ -23,32 +23,31 @@ CHAT = [
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-def chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """SmolLM2's layout written out by hand, and the character spans that must be trained."""
-    text, spans = "", []
-    if messages[0]["role"] != "system":
-        text += f"<|im_start|>system\n{SMOL_DEFAULT_SYSTEM}<|im_end|>\n"
+def hand_render(
+    messages: list[dict], header: str, end: str, before: str = "", after: str = ""
+) -> tuple[str, list[tuple[int, int]]]:
+    """A chat written out by hand in a `header`-per-message layout, and the character spans that must be trained:
+    each trained answer and its `end` token."""
+    text, spans = before, []
     for m in messages:
-        text += f"<|im_start|>{m['role']}\n"
+        text += header.format(role=m["role"])
         start = len(text)
-        text += m["content"] + "<|im_end|>"
+        text += m["content"] + end
         if m["role"] == "assistant" and m.get("train", True):
             spans.append((start, len(text)))
         text += "\n"
-    return text, spans
+    return text + after, spans
+
+
+def chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """SmolLM2's layout, with the default system prompt it adds when there is none."""
+    default = f"<|im_start|>system\n{SMOL_DEFAULT_SYSTEM}<|im_end|>\n" if messages[0]["role"] != "system" else ""
+    return hand_render(messages, "<|im_start|>{role}\n", "<|im_end|>", before=default)
 
 
 def phi3(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The official Phi-3 layout written out by hand, and the character spans that must be trained."""
-    text, spans = "", []
-    for m in messages:
-        text += f"<|{m['role']}|>\n"
-        start = len(text)
-        text += m["content"] + "<|end|>"
-        if m["role"] == "assistant" and m.get("train", True):
-            spans.append((start, len(text)))
-        text += "\n"
-    return text + "<|endoftext|>", spans
+    """The official Phi-3 layout, which ends the chat with eos."""
+    return hand_render(messages, "<|{role}|>\n", "<|end|>", after="<|endoftext|>")
 
 
 def expected_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:

@@ -83,7 +83,37 @@ def _kaiming_a_zero_b(module: nn.Module) -> None:
         nn.init.zeros_(module.lora_B)
 
 
-class Linear(LoRALayer, nn.Linear):
+class _Dense(LoRALayer, nn.Linear):
+    """What Linear and MergedLinear share: an nn.Linear (stored (in, out) with fan_in_fan_out) plus A and B."""
+
+    def _setup(
+        self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
+        fan_in_fan_out: bool, merge_weights: bool, kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def _add_lora(self, shapes: tuple[tuple[int, int], tuple[int, int]] | None) -> None:
+        """Create A and B of these shapes (None: no LoRA), freeze the weight, initialise as loralib does (the same
+        random draws in the same order), then lay the weight out (in, out) if asked."""
+        if shapes is not None:
+            self.lora_A = nn.Parameter(self.weight.new_zeros(shapes[0]))
+            self.lora_B = nn.Parameter(self.weight.new_zeros(shapes[1]))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if self.fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        _kaiming_a_zero_b(self)
+
+    def _t(self, w: torch.Tensor) -> torch.Tensor:
+        return w.transpose(0, 1) if self.fan_in_fan_out else w
+
+
+class Linear(_Dense):
     """nn.Linear plus a rank-r update. `fan_in_fan_out=True` for weights stored (in, out), like GPT-2's Conv1D."""
 
     def __init__(
@@ -97,23 +127,8 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights: bool = False,
         **kwargs: Any,
     ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        _kaiming_a_zero_b(self)
-
-    def _t(self, w: torch.Tensor) -> torch.Tensor:
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
+        self._setup(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, kwargs)
+        self._add_lora(((r, in_features), (out_features, r)) if r > 0 else None)
 
     def delta_weight(self) -> torch.Tensor:
         return self._t(self.lora_B @ self.lora_A) * self.scaling
@@ -166,7 +181,7 @@ class Embedding(LoRALayer, nn.Embedding):
         return result
 
 
-class MergedLinear(LoRALayer, nn.Linear):
+class MergedLinear(_Dense):
     """One nn.Linear holding several projections (a fused qkv): LoRA on the slices `enable_lora` marks.
 
     `slices` gives each projection's output size; without it the outputs split equally (loralib's rule).
@@ -186,8 +201,7 @@ class MergedLinear(LoRALayer, nn.Linear):
         slices: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
+        self._setup(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, kwargs)
         self.enable_lora = list(enable_lora)
         if slices is None:
             if out_features % len(self.enable_lora):
@@ -199,23 +213,10 @@ class MergedLinear(LoRALayer, nn.Linear):
         if len(slices) != len(self.enable_lora) or sum(slices) != out_features:
             raise ValueError(f"slices {list(slices)} must be one size per enable_lora entry, summing to {out_features}")
         self.slices = list(slices)
-        self.fan_in_fan_out = fan_in_fan_out
         starts = [sum(self.slices[:i]) for i in range(len(self.slices))]
         self._enabled = [(s, n) for s, n, on in zip(starts, self.slices, self.enable_lora, strict=True) if on]
-        if r > 0 and self._enabled:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * len(self._enabled), in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((sum(n for _, n in self._enabled), r)))
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        _kaiming_a_zero_b(self)
-
-    def _t(self, w: torch.Tensor) -> torch.Tensor:
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
+        rows = sum(n for _, n in self._enabled)
+        self._add_lora(((r * len(self._enabled), in_features), (rows, r)) if r > 0 and self._enabled else None)
 
     def _blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(first output row, rows, A_j, B_j) per enabled slice."""
