@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from philora import __version__
 from philora.errors import UserError
@@ -53,10 +55,81 @@ def parser() -> argparse.ArgumentParser:
     _config_args(check)
     check.add_argument("--model", metavar="M", help="tokenizer of this model (model.name_or_path)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _after_training_commands(sub)
     return p
 
 
+def _adapter_and_model(p: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:
+        p.add_argument(
+            "--adapter",
+            dest="adapters",
+            metavar="NAME=DIR",
+            action="append",
+            default=[],
+            help="serve this adapter under NAME (repeatable; DIR alone is named after its run dir)",
+        )
+    else:
+        p.add_argument("--adapter", metavar="DIR", help="a run's adapter/ dir (or the run dir)")
+    p.add_argument("--model", metavar="M", help="base model dir or hub id (default: the adapter's own base)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype")
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def _after_training_commands(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="eval loss, perplexity and generation metrics; base vs fine-tuned; HTML report")
+    _adapter_and_model(ev)
+    ev.add_argument("--data", metavar="FILE", help="eval data (default: the run's eval data)")
+    ev.add_argument("--output", metavar="DIR", help="where eval.json, eval.md and report.html go (default: RUN/eval)")
+    ev.add_argument("--limit", type=int, metavar="N", help="score at most N conversations")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts generated per batch")
+    ev.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer in tokens")
+    ev.add_argument("--no-base", action="store_true", help="skip the base model's answers")
+
+    merge = sub.add_parser("merge", help="merge an adapter into its full-precision base; checks logits parity")
+    _adapter_and_model(merge)
+    merge.add_argument("--output", metavar="DIR", required=True, help="directory for the merged model")
+    merge.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="safetensors shard size")
+
+    export = sub.add_parser("export", help="export a merged model: GGUF (f16, q8_0) or GGUF + Ollama Modelfile")
+    export.add_argument("format", choices=["gguf", "ollama"], help="gguf: one .gguf file; ollama: a dir with both")
+    export.add_argument("--model", metavar="DIR", required=True, help="a merged model dir (philora merge)")
+    export.add_argument("--output", metavar="PATH", required=True, help="the .gguf file (gguf) or a directory (ollama)")
+    export.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="tensor type")
+
+    chat = sub.add_parser("chat", help="chat in the terminal with streamed answers (/reset, /exit)")
+    _adapter_and_model(chat)
+    chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    _generation_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base model and adapters")
+    _adapter_and_model(serve, many=True)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (or $PHILORA_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 503")
+    serve.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="cap on max_tokens")
+
+
+# Commands that take no config file: each module's main(args) returns the exit status.
+AFTER_TRAINING = {
+    "eval": "philora.eval_command",
+    "merge": "philora.merge",
+    "export": "philora.export",
+    "chat": "philora.chat",
+    "serve": "philora.serve",
+}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command in AFTER_TRAINING:
+        return importlib.import_module(AFTER_TRAINING[args.command]).main(args)
     from philora.config import dump_documented, load_config
 
     overrides = list(args.overrides)

@@ -1,0 +1,88 @@
+"""Load a trained adapter (or none) on its base model for eval, merge, chat and serve.
+
+An adapter directory written by `philora train` sits in a run directory whose `run.json` records the model
+section it was trained with; that is the base it belongs to. Adapters from elsewhere name their base in
+`adapter_config.json` (`base_model_name_or_path`). `--model` overrides both. The base is always loaded in full
+precision for these commands, even for a QLoRA adapter: quantisation is a training-time memory trick, and
+answers or merges from a de-quantised 4-bit copy would differ from the original weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from philora.config import ModelSection
+from philora.errors import UserError
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    model: ModelSection  # the base it was trained on
+
+
+def read_adapter(path: str | Path, name: str = "default") -> Adapter:
+    """The adapter at `path` (an adapter dir, or a run dir holding `adapter/`) and the base model it needs."""
+    path = Path(path).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        what = "no such directory" if not path.exists() else "no adapter_config.json there"
+        raise UserError(f"--adapter {path}: {what}; give the adapter/ dir of a run (or the run dir itself)")
+    run_file = path.parent / "run.json"
+    if run_file.is_file():
+        fields = json.loads(run_file.read_text())["config"]["model"]
+        known = {f.name for f in dataclasses.fields(ModelSection)}
+        model = ModelSection(**{k: v for k, v in fields.items() if k in known})
+    else:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"--adapter {path}: adapter_config.json names no base model; pass --model")
+        model = ModelSection(name_or_path=base)
+    return Adapter(name, path, model)
+
+
+def base_section(adapters: list[Adapter], model: str | None, dtype: str = "auto") -> ModelSection:
+    """The full-precision base to load: --model if given, else the one every adapter was trained on."""
+    if model is not None:
+        return ModelSection(name_or_path=model, dtype=dtype)
+    bases = {a.model.name_or_path for a in adapters}
+    if len(bases) > 1:
+        names = ", ".join(f"{a.name}: {a.model.name_or_path or 'the embedded model'}" for a in adapters)
+        raise UserError(f"--adapter: these adapters were trained on different base models ({names}); pass --model")
+    first = adapters[0].model if adapters else ModelSection()
+    if first.quantization:
+        print(
+            f"philora: the adapter was trained on a {first.quantization} base; loading the original weights in "
+            "full precision",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(first, quantization=None, dtype=dtype)
+
+
+def load(adapters: list[Adapter], model: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) ready for generation: the base with every adapter loaded by name, the first active.
+    With no adapters the plain base model is returned."""
+    from philora.model import load_model, load_tokenizer
+
+    section = base_section(adapters, model, dtype)
+    tokenizer = load_tokenizer(section)
+    base = load_model(section, training=False)
+    if not adapters:
+        base.eval()
+        return base, tokenizer
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, str(adapters[0].path), adapter_name=adapters[0].name)
+    for a in adapters[1:]:
+        peft_model.load_adapter(str(a.path), adapter_name=a.name)
+    peft_model.set_adapter(adapters[0].name)
+    peft_model.eval()
+    return peft_model, tokenizer
