@@ -9,13 +9,14 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only JSON lines, one per logged step or evaluation; kept in memory for plotting."""
+    """Append-only JSON lines, one per logged step or evaluation; kept in memory for plotting. With no path
+    (the other processes of a data-parallel run) the records are only kept in memory."""
 
-    def __init__(self, path: Path, sinks: list[Any] | None = None) -> None:
+    def __init__(self, path: Path | None, sinks: list[Any] | None = None) -> None:
         self.path = path
         self.sinks = sinks or []
         self.records: list[dict[str, Any]] = []
-        if path.exists():  # a resumed run continues its own log
+        if path is not None and path.exists():  # a resumed run continues its own log
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             for number, line in enumerate(lines, start=1):
                 try:
@@ -28,12 +29,16 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run replays them) and rewrite the file, atomically."""
         self.records = [r for r in self.records if r["step"] <= step]
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

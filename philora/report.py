@@ -39,6 +39,7 @@ def write_run_record(
     records: list[dict[str, Any]],
     evaluation: dict[str, Any] | None,
     wall_seconds: float,
+    processes: int = 1,
 ) -> None:
     trainable, total = trainable_parameters(model)
     losses = [r["loss"] for r in records if "loss" in r]
@@ -50,6 +51,7 @@ def write_run_record(
         "seed": config.training_config.seed,
         "data": data_report.as_record(prepared, config.data),
         "device": str(hardware.device()),
+        "processes": processes,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "parameters": {"trainable": trainable, "total": total},
@@ -61,6 +63,9 @@ def write_run_record(
         "wall_seconds": round(wall_seconds, 2),
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": evals[-1] if evals else None,
-        "generation_eval": {k: v for k, v in evaluation.items() if k != "samples"} if evaluation else None,
+        # eval.json without the answers and what run.json records already: prompts, metrics, eval losses
+        "generation_eval": {k: v for k, v in evaluation.items() if k not in ("samples", "settings", "versions")}
+        if evaluation
+        else None,
     }
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")

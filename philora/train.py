@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -18,7 +19,6 @@ from philora import checkpoint, data, evaluate, hardware
 from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
 from philora.data.batching import Row, collate, one_per_row, pack
-from philora.data.render import IGNORE
 from philora.errors import UserError
 from philora.logs import MetricsLog, plot_losses, reporters
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
@@ -26,7 +26,8 @@ from philora.loss import TokenLoss
 from philora.model import load_model, load_tokenizer
 from philora.report import write_run_record
 
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "lora-init", "runs")
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "eval.md", "report.html",
+             "eval", "lora-init", "runs")  # fmt: skip
 
 
 class LossDiverged(UserError):
@@ -43,26 +44,41 @@ class TrainResult:
 @dataclass
 class Plan:
     """How the rows become optimizer steps. Micro-batch k of the whole run is batch k % per_epoch of epoch
-    k // per_epoch, each epoch in a seeded order, so a step's data follows from its index alone (exact resume)."""
+    k // per_epoch, each epoch in a seeded order, so a step's data follows from its index alone (exact resume).
+
+    With several processes a micro-batch holds batch_size rows per process and process `rank` takes every
+    world-th row of it, so N processes see the same global batches as one process with N times the batch."""
 
     rows: list[Row]
     batch_size: int
     accumulation: int
     total_steps: int
     seed: int
+    world: int = 1
+    rank: int = 0
 
     @property
     def per_epoch(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+        return math.ceil(len(self.rows) / (self.batch_size * self.world))
 
     def micro_batches(self, step: int) -> list[list[Row]]:
+        """The global micro-batches of optimizer step `step` (from 0), every process's rows."""
         out = []
+        width = self.batch_size * self.world
         for k in range(step * self.accumulation, (step + 1) * self.accumulation):
             epoch, index = divmod(k, self.per_epoch)
             order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-            picked = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+            picked = order[index * width : (index + 1) * width].tolist()
             out.append([self.rows[i] for i in picked])
         return out
+
+    def mine(self, rows: list[Row]) -> list[Row]:
+        """This process's share of a global micro-batch (never empty: a short last batch lends its first row to
+        the processes it cannot feed, which then contribute no loss; see `loop`)."""
+        return rows[self.rank :: self.world] or rows[:1]
+
+    def owns(self, rows: list[Row]) -> bool:
+        return bool(rows[self.rank :: self.world])
 
     def epochs_done(self, steps: int) -> float:
         return steps * self.accumulation / self.per_epoch
@@ -72,11 +88,13 @@ class Plan:
         return steps * self.accumulation // self.per_epoch > (steps - 1) * self.accumulation // self.per_epoch
 
 
-def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool) -> Plan:
+def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool, world: int = 1,
+              rank: int = 0) -> Plan:  # fmt: skip
     rows = pack([len(s.input_ids) for s in samples], max_length) if packing else one_per_row(len(samples))
-    per_epoch_steps = math.ceil(math.ceil(len(rows) / tc.per_device_train_batch_size) / tc.gradient_accumulation_steps)
-    total = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * per_epoch_steps)
-    return Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, total, tc.seed)
+    plan = Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, 0, tc.seed, world, rank)
+    per_epoch_steps = math.ceil(plan.per_epoch / tc.gradient_accumulation_steps)
+    plan.total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * per_epoch_steps)
+    return plan
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
@@ -116,10 +134,12 @@ def set_log_level(level: str) -> None:
         transformers.logging.set_verbosity(getattr(transformers.logging, level.upper()))
 
 
-def check_resume(out: Path, resume: str | bool | None, config: Config) -> Path | None:
-    """The checkpoint to resume from (refusing one written with different settings), or None for a new run."""
+def check_resume(out: Path, resume: str | bool | None, config: Config, clean: bool = True) -> Path | None:
+    """The checkpoint to resume from (refusing one written with different settings), or None for a new run,
+    whose output dir is prepared when `clean` (by the main process only, in a multi-process run)."""
     if not resume:
-        prepare_output_dir(out, config.training_config.overwrite_output_dir)
+        if clean:
+            prepare_output_dir(out, config.training_config.overwrite_output_dir)
         return None
     path = checkpoint.find_resume_point(out, resume)
     saved = json.loads((path / "state.json").read_text())
@@ -153,41 +173,50 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     started = time.time()
     tc = config.training_config
     out = Path(tc.output_dir)
-    resume_from = check_resume(out, resume, config)
-    set_log_level(tc.log_level)
-    set_seed(tc.seed)
-    log_dir = Path(tc.logging_dir) if tc.logging_dir else out / "runs"
-    sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict())  # before the slow parts: fail early
-
-    tokenizer = load_tokenizer(config.model)
-    prepared = data.prepare(config.data, tokenizer, tc.seed)
-    for line in data_report.describe(prepared, config.data, color=sys.stderr.isatty()):
-        print(f"philora: data: {line}", file=sys.stderr)
+    dev = hardware.device()
+    # Under `accelerate launch` or torchrun this is one of several processes; alone it is the only one.
+    accelerator = Accelerator(mixed_precision=mixed_precision(tc, dev), cpu=dev.type == "cpu")
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process prepares the output dir and data cache first
+        resume_from = check_resume(out, resume, config, clean=main)
+        set_log_level(tc.log_level)
+        set_seed(tc.seed)
+        log_dir = Path(tc.logging_dir) if tc.logging_dir else out / "runs"
+        # Reporters before the slow parts, so a missing package fails early.
+        sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if main else []
+        tokenizer = load_tokenizer(config.model)
+        prepared = data.prepare(config.data, tokenizer, tc.seed)
+    if main:
+        for line in data_report.describe(prepared, config.data, color=sys.stderr.isatty()):
+            print(f"philora: data: {line}", file=sys.stderr)
     data.require_usable(prepared, config.data)
     model = load_model(config.model, training=True)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
     state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
     prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
-    want_generations = tc.predict_with_generate and bool(prompts)
+    want_generations = tc.predict_with_generate and bool(prompts) and main
     if want_generations and resume_from is None:  # the base model, before any adapter touches it
         state["answers_before"] = run_generation(model, prepared, prompts, tc, "base model")
     model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
-    initial = save_initial_adapter(model, out, config.peft_config)
+    initial = save_initial_adapter(model, out, config.peft_config) if main else None
 
-    dev = hardware.device()
-    accelerator = Accelerator(mixed_precision=mixed_precision(tc, dev), cpu=dev.type == "cpu")
-    plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing)
+    plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing,
+                     accelerator.num_processes, accelerator.process_index)  # fmt: skip
     optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
 
-    log = MetricsLog(out / "metrics.jsonl", sinks)
+    log = MetricsLog(out / "metrics.jsonl" if main else None, sinks)
     if resume_from is not None:
         state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
         log.truncate_after(state["step"])
-        print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
+        if main:
+            print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
 
     loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
+    accelerator.wait_for_everyone()
+    if not main:
+        return TrainResult(out, model, None)
 
     # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
     model.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=initial)
@@ -195,12 +224,28 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     plot_losses(log.records, out / "loss.png")
     log.close()
     evaluation = None
-    if want_generations:
-        after = run_generation(model, prepared, prompts, tc, "fine-tuned model")
-        evaluation = evaluate.compare(prompts, {"before": state["answers_before"], "after": after})
-        (out / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+    if want_generations:  # the same evaluation and files as `philora eval`, base answers from before training
+        assert prepared.eval is not None
+        evaluation = evaluate.evaluate_model(
+            model,
+            prepared.encoder,
+            prepared.eval.samples,
+            prompts,
+            batch_size=tc.per_device_eval_batch_size,
+            max_new_tokens=tc.generation_max_length,
+            # PiSSA/OLoRA rewrote the base weights in memory: disabling the adapter would not give the base back
+            base=not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
+            base_answers=state["answers_before"],
+            settings={"command": "train", "run": out.name, "adapter": str(out / "adapter"),
+                      "base_model": config.model.name_or_path or "embedded",
+                      "data": data.source_specs(config.data)[1] or f"{config.data.eval} of {config.data.train}",
+                      "conversations": len(prepared.eval.conversations)},
+        )  # fmt: skip
+    write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started,
+                     accelerator.num_processes)  # fmt: skip
+    if evaluation is not None:
+        evaluate.write_results(out, evaluation, out)
         print(evaluate.format_comparison(evaluation), file=sys.stderr)
-    write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
 
@@ -243,26 +288,37 @@ def due(strategy: str, every: int, done: int, plan: Plan) -> bool:
     return strategy == "epoch" and plan.ends_epoch(done)
 
 
-def optimizer_step(loss_fn: Any, batches: list[dict[str, torch.Tensor]], accelerator: Any, tc: TrainingSection,
-                   optimizer: Any, scheduler: Any) -> tuple[float, int, float | None]:  # fmt: skip
-    """Forward/backward over the step's micro-batches, clip, step. Returns (summed loss, trained tokens, grad norm).
+Batch = dict[str, torch.Tensor]
+
+
+def optimizer_step(loss_fn: Any, batches: list[tuple[Batch, bool]], trained: int, accelerator: Any,
+                   tc: TrainingSection, optimizer: Any, scheduler: Any) -> tuple[float, float | None]:  # fmt: skip
+    """Forward/backward over this process's micro-batches, clip, step. Returns (summed loss over every process,
+    grad norm). `trained` is the step's trained-token count over all processes; a batch flagged False is a
+    lent row that only keeps this process in step with the others and adds nothing.
 
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, so every token weighs the
-    same however the step is split (a plain mean per micro-batch would over-weight short ones)."""
-    trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-    total = 0.0
-    for batch in batches:
-        loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
-        accelerator.backward(loss_sum / max(trained, 1))
-        total += loss_sum.item()
+    same however the step is split (a plain mean per micro-batch would over-weight short ones). Data-parallel
+    wrappers average gradients over processes, so the loss is scaled by their number to make that a sum."""
+    scale = accelerator.num_processes / max(trained, 1)
+    total = torch.zeros((), device=accelerator.device)
+    for i, (batch, counts) in enumerate(batches):
+        # Gradients are synchronised once per step, after the last micro-batch, not after each one.
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(loss_fn)
+        with sync:
+            loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            loss_sum = loss_sum if counts else loss_sum * 0.0
+            accelerator.backward(loss_sum * scale)
+        total += loss_sum.detach()
+    loss = float(accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total)
     grad_norm = None
-    if math.isfinite(total):
+    if math.isfinite(loss):
         if tc.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_(loss_fn.parameters(), tc.max_grad_norm))
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, trained, grad_norm
+    return loss, grad_norm
 
 
 def loop(
@@ -285,12 +341,17 @@ def loop(
     eval_samples = prepared.eval.samples if prepared.eval else []
     # Sums since the last log line; part of the checkpoint so a resumed run logs the same values.
     window = state["window"] or {"loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
-    bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    main = accelerator.is_main_process
+    bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
+               disable=not main)  # fmt: skip
     loss_fn.train()
     while state["step"] < plan.total_steps:
         tick = time.perf_counter()
-        batches = [collate(samples, rows, pad_id) for rows in plan.micro_batches(state["step"])]
-        loss, trained, grad_norm = optimizer_step(loss_fn, batches, accelerator, tc, optimizer, scheduler)
+        step_rows = plan.micro_batches(state["step"])
+        trained = sum(samples[i].trained for rows in step_rows for row in rows for i in row)
+        tokens = sum(len(samples[i].input_ids) for rows in step_rows for row in rows for i in row)
+        batches = [(collate(samples, plan.mine(rows), pad_id), plan.owns(rows)) for rows in step_rows]
+        loss, grad_norm = optimizer_step(loss_fn, batches, trained, accelerator, tc, optimizer, scheduler)
         done = state["step"] + 1
         if not math.isfinite(loss):
             last = checkpoint.checkpoints(out)
@@ -299,7 +360,6 @@ def loop(
                 "the data" + (f"; the last good checkpoint is {last[-1]}" if last else "")
             )
         seconds = time.perf_counter() - tick
-        tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
         state.update(step=done, tokens=state["tokens"] + tokens, trained_tokens=state["trained_tokens"] + trained,
                      train_seconds=state["train_seconds"] + seconds)  # fmt: skip
         window = {"loss": window["loss"] + loss, "tokens": window["tokens"] + tokens,
@@ -322,9 +382,10 @@ def loop(
         if eval_samples and (due(tc.eval_strategy, tc.eval_steps or tc.logging_steps, done, plan) or final_eval):
             eval_loss = evaluate.eval_loss(loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
             log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-            bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
-            plot_losses(log.records, out / "loss.png")
-        if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
+            if main:
+                bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
+                plot_losses(log.records, out / "loss.png")
+        if main and not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
             saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict()}
             checkpoint.save(out, model, optimizer, scheduler, saved, tc.save_total_limit)
     bar.close()

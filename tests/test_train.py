@@ -248,9 +248,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     real_step, calls = train_module.optimizer_step, []
 
     def diverging(*args: object, **kwargs: object) -> tuple:
-        loss, trained, norm = real_step(*args, **kwargs)
+        loss, norm = real_step(*args, **kwargs)
         calls.append(loss)
-        return (float("nan") if len(calls) == 3 else loss), trained, norm
+        return (float("nan") if len(calls) == 3 else loss), norm
 
     monkeypatch.setattr(train_module, "optimizer_step", diverging)
     out = tmp_path / "out"

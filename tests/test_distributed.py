@@ -1,0 +1,80 @@
+"""Data-parallel training under `accelerate launch`: 2 CPU processes (gloo) equal 1 process with the same global
+batch, step for step, to fp32 rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, write_yaml
+from safetensors.torch import load_file
+
+
+def run(args: list[str], cwd: Path) -> None:
+    # One thread per process: two processes on two cores, neither starving the other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    # No dropout: its masks are drawn per process, so they could not match one process's.
+    config = write_yaml(
+        tmp_path / "ddp.yaml",
+        f"""
+model: {{name_or_path: {tiny_phi3}, dtype: float32}}
+data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 256}}
+peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
+training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 0.01, logging_steps: 1,
+                   save_steps: 100, eval_strategy: steps, eval_steps: 5, seed: 7}}
+""",
+    )
+    bin_dir = Path(sys.executable).parent
+    run([str(bin_dir / "philora"), "train", "--config", str(config), "--output", "one"], tmp_path)
+    # `--multi_gpu` without a GPU is accelerate's multi-CPU mode: torch.distributed with gloo.
+    run(
+        [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
+         "--output", "two", "--set", "training_config.per_device_train_batch_size=2"],
+        tmp_path,
+    )  # fmt: skip
+
+    one, two = read_jsonl(tmp_path / "one/metrics.jsonl"), read_jsonl(tmp_path / "two/metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]
+    for a, b in zip(one, two, strict=True):
+        assert a.get("tokens") == b.get("tokens")  # the same rows in every global batch
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+
+    first, second = (load_file(tmp_path / f"{d}/adapter/adapter_model.safetensors") for d in ("one", "two"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert (first[name] - second[name]).abs().max() <= 1e-6, name
+    assert all(t.abs().max() > 1e-4 for n, t in first.items() if "lora_B" in n)  # trained: B starts at zero
+    assert json.loads((tmp_path / "two/run.json").read_text())["processes"] == 2
+    assert not (tmp_path / "two/metrics.jsonl.tmp").exists()
+
+
+def test_each_process_takes_every_world_th_row_and_a_short_batch_lends_one() -> None:
+    from philora.train import Plan
+
+    rows = [[i] for i in range(5)]
+    plans = [Plan(rows, batch_size=2, accumulation=1, total_steps=2, seed=0, world=2, rank=r) for r in (0, 1)]
+    single = Plan(rows, batch_size=4, accumulation=1, total_steps=2, seed=0)
+    assert plans[0].per_epoch == single.per_epoch == 2
+    for step in range(2):
+        (global_rows,) = plans[0].micro_batches(step)
+        assert global_rows == single.micro_batches(step)[0] == plans[1].micro_batches(step)[0]
+        shares = [p.mine(global_rows) for p in plans]
+        owned = [p.owns(global_rows) for p in plans]
+        if step == 0:
+            assert shares == [global_rows[0::2], global_rows[1::2]] and owned == [True, True]
+        else:  # the epoch's fifth row alone: process 1 runs it too, for step-lock, and it counts nowhere
+            assert len(global_rows) == 1 and shares == [global_rows, global_rows] and owned == [True, False]
