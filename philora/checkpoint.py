@@ -55,13 +55,16 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def save(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int | None) -> Path:
+def save(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int | None,
+         weights: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+    """Write checkpoint `step-N` atomically; `weights` is the gathered state dict of a sharded (FSDP/DeepSpeed)
+    model, None to read the model directly."""
     root = output_dir / "checkpoints"
     final = root / f"{PREFIX}{state['step']}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
+    model.save_pretrained(tmp / "adapter", state_dict=weights)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
         tmp / "trainer.pt",

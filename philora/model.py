@@ -115,6 +115,16 @@ def _quantization_config(mc: ModelSection, dev: torch.device) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
+        # FSDP and ZeRO-3 shard tensors of one dtype: packed 4-bit weights then travel as bf16 (not uint8).
+        bnb_4bit_quant_storage=torch.bfloat16 if weights_sharded() else torch.uint8,
+    )
+
+
+def weights_sharded() -> bool:
+    """Whether `accelerate launch` started this process for FSDP or DeepSpeed ZeRO-3."""
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     )
 
 
@@ -133,6 +143,8 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
     if (quant := _quantization_config(mc, dev)) is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+        if weights_sharded():  # the unquantised weights must match the bf16 storage FSDP/ZeRO-3 shard
+            kwargs["dtype"] = torch.bfloat16
     model = _from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
     if quant is None:
         model.to(dev)

@@ -205,6 +205,11 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
                      accelerator.num_processes, accelerator.process_index)  # fmt: skip
     optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    if resume_from is not None and sharded(accelerator):
+        raise UserError(
+            "--resume: resuming under FSDP or DeepSpeed is not supported yet (their optimizer state is sharded); "
+            "resume with configs/accelerate/ddp.yaml or one process"
+        )
 
     log = MetricsLog(out / "metrics.jsonl" if main else None, sinks)
     if resume_from is not None:
@@ -214,12 +219,13 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
 
     loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
+    weights = gathered_adapter(accelerator, loss_fn)
     accelerator.wait_for_everyone()
     if not main:
         return TrainResult(out, model, None)
 
     # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
-    model.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=initial)
+    model.save_pretrained(out / "adapter", state_dict=weights, path_initial_model_for_weight_conversion=initial)
     tokenizer.save_pretrained(out / "adapter")
     plot_losses(log.records, out / "loss.png")
     log.close()
@@ -248,6 +254,21 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         print(evaluate.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
+
+
+def sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gathered_adapter(accelerator: Any, loss_fn: Any) -> dict[str, torch.Tensor] | None:
+    """Under FSDP or DeepSpeed each process holds a shard of the weights: all of them take part in gathering the
+    whole state dict, which the main process saves. None elsewhere: save_pretrained reads the model itself."""
+    if not sharded(accelerator):
+        return None
+    full = accelerator.get_state_dict(loss_fn)  # TokenLoss's: the model under "model.", plus aliases of it
+    return {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
 
 
 def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
@@ -385,7 +406,9 @@ def loop(
             if main:
                 bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
                 plot_losses(log.records, out / "loss.png")
-        if main and not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
+        if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
+            weights = gathered_adapter(accelerator, loss_fn)  # every process takes part
             saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict()}
-            checkpoint.save(out, model, optimizer, scheduler, saved, tc.save_total_limit)
+            if main:
+                checkpoint.save(out, model, optimizer, scheduler, saved, tc.save_total_limit, weights)
     bar.close()
