@@ -1,0 +1,46 @@
+"""bench/gpu.py runs end to end: the device run is one prepared command, so its code path is checked here on a
+tiny model with Phi-3-mini's vocabulary and tokenizer layout, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_gpu_bench_runs_both_sides_on_a_tiny_model(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--steps", "1", "--rows", "16", "--length", "256",
+               "--modes", "qlora", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "qlora: ratio philora / TRL" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["side"]) for r in results] == [("qlora", "philora"), ("qlora", "trl")]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        # A random model over a 32064-word vocabulary starts near ln(32064) = 10.4.
+        assert abs(r["losses"][0] - math.log(32064)) < 0.5
+    assert results[0]["params"] == results[1]["params"]  # the same model, counted the same way
+
+
+def test_the_bench_tokenizer_has_phi3_ids_and_template() -> None:
+    sys.path.insert(0, str(BENCH))
+    from gpu import build_tokenizer
+
+    from philora.data.render import ChatEncoder
+
+    tokenizer = build_tokenizer(32064)
+    vocab = tokenizer.get_vocab()
+    assert (vocab["<|end|>"], vocab["<|user|>"], vocab["<|assistant|>"], vocab["<|endoftext|>"]) == (
+        32007, 32010, 32001, 32000,
+    )  # fmt: skip
+    encoder = ChatEncoder(tokenizer)
+    sample = encoder.encode([{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7 w8"}])
+    # Phi-3's template ends a conversation with <|endoftext|> after the last <|end|>.
+    assert list(sample.input_ids) == [32010, 5, 6, 32007, 32001, 7, 8, 32007, 32000]
+    assert [int(t) for t in sample.labels if t >= 0] == [7, 8, 32007, 32000]
