@@ -247,7 +247,7 @@ class ChatEncoder:
             return _Plan([row.text], [], [], plain=True)
         assert row.messages is not None
         clean = [{"role": m["role"], "content": m["content"]} for m in row.messages]
-        self._refuse_special_text(row.messages)
+        self.refuse_special_text(row.messages)
         whole = self.render(clean)
         if train_on == "all":
             return _Plan([whole], [], clean)
@@ -256,7 +256,7 @@ class ChatEncoder:
             raise NothingToTrain("nothing to train: every assistant message has train: false")
         return _Plan([whole] + [self.render(clean[:i], generation_prompt=True) for i in turns], turns, clean)
 
-    def _refuse_special_text(self, messages: list[dict[str, Any]]) -> None:
+    def refuse_special_text(self, messages: list[dict[str, Any]]) -> None:
         if self._special_text is None:
             return
         for i, m in enumerate(messages):

@@ -1,0 +1,305 @@
+"""Streaming generation for `philora chat` and `philora serve`: one token loop, batched with left padding.
+
+Prompts are rendered with the model's own chat template through `ChatEncoder`, the same code path that built
+the training data, so the model answers the prompts it was trained on. The loop is philora's own rather than
+`model.generate`: it gives each row of a batch its own settings (length, temperature, top-p, seed, stop
+strings), streams each row's text as it grows, lets a row be cancelled, and drops finished rows from the batch.
+The end-of-turn token ends an answer and is never part of its text.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from philora.data.formats import RowProblem
+from philora.data.render import ChatEncoder
+
+
+class BadPrompt(ValueError):
+    """The messages cannot be turned into a prompt (bad roles, special tokens in the text, too long)."""
+
+
+@dataclass
+class Settings:
+    """How one answer is generated."""
+
+    max_new_tokens: int = 256  # longest answer in tokens
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling threshold when temperature > 0
+    seed: int | None = None  # sampling seed; None = fresh randomness
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
+
+    def problems(self, names: dict[str, str] | None = None) -> list[str]:
+        """One line per bad value; `names` maps a field to the flag or JSON key the user wrote it as."""
+        name = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", **(names or {})}
+        found = []
+        if self.max_new_tokens < 1:
+            found.append(f"{name['max_new_tokens']}: {self.max_new_tokens}; give a number of tokens >= 1")
+        if not 0 <= self.temperature <= 2:
+            found.append(f"{name['temperature']}: {self.temperature}; give a value from 0 (greedy) to 2")
+        if not 0 < self.top_p <= 1:
+            found.append(f"{name['top_p']}: {self.top_p}; give a value in (0, 1]")
+        return found
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop": end of turn or a stop string; "length": max_new_tokens or the context; "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Row:
+    """One answer to generate in a batch: its prompt, its settings, where its text goes as it grows."""
+
+    prompt_ids: list[int]
+    settings: Settings = field(default_factory=Settings)
+    on_text: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def prompt_ids(encoder: ChatEncoder, messages: Sequence[dict[str, Any]], context: int | None = None) -> list[int]:
+    """The token ids the model sees before it answers `messages`; BadPrompt if they cannot be one."""
+    clean = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadPrompt(f"messages[{i}].role: {role!r}; give one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadPrompt(f"messages[{i}].content: give the text as a string")
+        clean.append({"role": ROLES[role], "content": content})
+    try:
+        encoder.refuse_special_text(clean)  # a special token in the text would be read as a control token
+        ids = encoder.ids(clean, generation_prompt=True)
+    except RowProblem as e:
+        raise BadPrompt(str(e)) from None
+    if context is not None and len(ids) >= context:
+        raise BadPrompt(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens")
+    return ids
+
+
+def context_length(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class Detokenizer:
+    """Text of a growing token list, released in pieces that never split a multi-byte character.
+
+    Decoding one token at a time loses spaces (SentencePiece drops a word's leading space at the start of a
+    decode) and splits characters spread over byte tokens. So the tokens from one step back are decoded
+    together and only the text past the old part is released, once it no longer ends in a partial character.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window that is decoded for context
+        self.read = 0  # tokens before this have been released as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        old = self._decode(self.ids[self.prefix : self.read])
+        new = self._decode(self.ids[self.prefix :])
+        if len(new) <= len(old) or (new.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return new[len(old) :]
+
+
+class StopText:
+    """Cuts the text at the first stop string, holding back any tail that could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        text, self.held = self.held + text, ""
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            return text[: min(found)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class _Answer:
+    """The state of one row while it generates."""
+
+    def __init__(self, row: Row, tokenizer: Any, limit: int, device: torch.device) -> None:
+        self.row = row
+        self.sampler = _sampler(row, device)
+        self.limit = limit  # tokens it may still generate: max_new_tokens, or less where the context ends
+        self.tokens = 0
+        self.pieces: list[str] = []
+        self.finish: str | None = None
+        self.detokenizer = Detokenizer(tokenizer)
+        self.stop_text = StopText(row.settings.stop)
+
+    def emit(self, text: str) -> None:
+        text = self.stop_text.feed(text)
+        if self.stop_text.hit:
+            self.finish = "stop"
+        if text:
+            self.pieces.append(text)
+            if self.row.on_text is not None:
+                self.row.on_text(text)
+
+    def take(self, token: int, stop_ids: set[int]) -> None:
+        if token in stop_ids:
+            self.finish = "stop"
+        else:
+            self.tokens += 1
+            self.emit(self.detokenizer.push(token))
+        if self.finish is None and self.tokens >= self.limit:
+            self.finish = "length"
+        if self.finish is None and self.row.cancelled is not None and self.row.cancelled():
+            self.finish = "cancelled"
+        if self.finish is not None and not self.stop_text.hit:
+            self.emit(self.detokenizer.flush())
+            if not self.stop_text.hit:
+                self.emit(self.stop_text.flush())
+
+    def completion(self) -> Completion:
+        return Completion("".join(self.pieces), self.finish or "length", len(self.row.prompt_ids), self.tokens)
+
+
+def stop_ids(model: Any, encoder: ChatEncoder) -> set[int]:
+    """The encoder's end-of-turn and eos ids, and any other eos the model's generation config names
+    (Phi-3 lists `<|assistant|>` there too)."""
+    ids = set(encoder.stop_ids)
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([extra] if isinstance(extra, int) else (extra or []))
+    return ids
+
+
+def _forward_kwargs(model: Any) -> dict[str, Any]:
+    """A fresh KV cache under the name this transformers version uses (5.x renamed `past_key_values` to `cache`;
+    the old name warns), and `logits_to_keep` where the forward takes it (remote code may not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes = inspect.signature(base.forward).parameters
+    kwargs = {"cache" if "cache" in takes else "past_key_values": _new_cache(model), "use_cache": True}
+    return {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in takes else kwargs
+
+
+def _sampler(row: Row, device: torch.device) -> torch.Generator | None:
+    if row.settings.temperature == 0:
+        return None
+    generator = torch.Generator(device)
+    if row.settings.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(row.settings.seed)
+    return generator
+
+
+def _next_tokens(logits: torch.Tensor, live: list[_Answer]) -> list[int]:
+    """Each row's next token: the argmax (one device sync for the batch), or a sample where it samples."""
+    tokens = logits.argmax(-1).tolist()
+    for i, a in enumerate(live):
+        if a.sampler is not None:
+            tokens[i] = _sample(logits[i], a.row.settings, a.sampler)
+    return tokens
+
+
+def _sample(logits: torch.Tensor, settings: Settings, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # the smallest set reaching top_p stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row]) -> list[Completion]:
+    """Answers to the rows, generated together (left-padded) and streamed through each row's `on_text`.
+    Rows leave the batch as they finish; the model must already be in eval mode with the right adapter."""
+    device = next(model.parameters()).device
+    context = context_length(model) or 1 << 62
+    limits = [min(r.settings.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
+    answers = [_Answer(r, encoder.tokenizer, n, device) for r, n in zip(rows, limits, strict=True)]
+    for a in answers:
+        if a.limit <= 0:
+            a.finish = "length"
+    live = [a for a in answers if a.finish is None]
+    if not live:
+        return [a.completion() for a in answers]
+    ends = stop_ids(model, encoder)
+    ids, mask, positions = _left_padded([a.row.prompt_ids for a in live], encoder.tokenizer.pad_token_id or 0, device)
+    kwargs = _forward_kwargs(model)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    while True:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        tokens = _next_tokens(out.logits[:, -1, :], live)
+        for a, token in zip(live, tokens, strict=True):
+            a.take(token, ends)
+        still = [i for i, a in enumerate(live) if a.finish is None]
+        if not still:
+            return [a.completion() for a in answers]
+        if len(still) < len(live):  # finished rows leave the batch and its cache
+            index = torch.tensor(still, device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            tokens, live = [tokens[i] for i in still], [live[i] for i in still]
+        ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+
+
+def _left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Input ids, attention mask and position ids of prompts padded on the left to one length: each row's
+    positions count from its first real token, as they did for it alone."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    config = model.config
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers releases whose DynamicCache takes no config
+        return DynamicCache()
+
+
+def complete(
+    model: Any,
+    encoder: ChatEncoder,
+    messages: Sequence[dict[str, Any]],
+    settings: Settings,
+    on_text: Callable[[str], None] | None = None,
+) -> Completion:
+    """One answer to a conversation, streamed through `on_text`."""
+    ids = prompt_ids(encoder, messages, context_length(model))
+    return generate(model, encoder, [Row(ids, settings, on_text)])[0]
