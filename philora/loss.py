@@ -3,6 +3,12 @@
 A causal LM's forward computes logits for every position, a (tokens x vocabulary) tensor that dominates memory
 and costs a large share of the FLOPs on small models. Only positions whose next token is trained need logits,
 so the loss runs the decoder, picks those hidden states, and applies the LM head to them alone.
+
+Even those logits are never held whole: `ChunkedHeadLoss` runs the head and the cross-entropy CHUNK positions
+at a time and, since the loss is a plain sum, computes each chunk's gradient with respect to the hidden states
+right away (softmax minus one-hot, times the head's weight). Backward then only scales what forward stored, so
+peak memory holds one chunk's logits instead of every trained position's logits, softmax and gradient, at no
+extra compute. A head that is itself trained (`modules_to_save: [lm_head]`) takes the plain path.
 """
 
 from __future__ import annotations
@@ -13,6 +19,34 @@ import torch
 import torch.nn.functional as F
 
 from philora.data.render import IGNORE
+
+CHUNK = 1024  # positions per head + cross-entropy chunk: (CHUNK x vocabulary) floats live at a time
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) without materialising all logits; gradient for hidden only."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        precision = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in fp32 at least
+        total = torch.zeros((), dtype=precision, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], CHUNK):
+            h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+            logits = (h @ weight.T).to(precision)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:  # d loss / d logits = softmax - one_hot, reusing the logits' memory
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype) if grad is not None else None), None, None
 
 
 def _selective_head_ok(model: Any) -> bool:
@@ -40,17 +74,20 @@ class TokenLoss(torch.nn.Module):
         self.selective = _selective_head_ok(base)
         self.decoder = base.get_decoder() if self.selective else None
         self.head = base.get_output_embeddings() if self.selective else None
+        # A plain frozen linear head (no bias, not trained, not wrapped by peft) can be chunked.
+        self.chunked = (
+            type(self.head) is torch.nn.Linear and self.head.bias is None and not self.head.weight.requires_grad
+        )
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        if self.selective:
-            hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-            logits = self.head(hidden[:, :-1][keep])
-        else:
+        if not self.selective:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-            logits = logits[:, :-1][keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+            return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), keep.sum()
+        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0][:, :-1][keep]
+        if self.chunked:
+            return ChunkedHeadLoss.apply(hidden, self.head.weight, targets[keep]), keep.sum()
+        return F.cross_entropy(self.head(hidden).float(), targets[keep], reduction="sum"), keep.sum()

@@ -107,6 +107,18 @@ def test_selective_head_loss_equals_the_models_own_loss(tiny_phi3: Path, tokeniz
         ours, n = TokenLoss(model)(**batch)
         reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours / n, reference, rtol=1e-6, atol=1e-6)
+    # With the head frozen, as under LoRA, the chunked head loss runs: the same value and decoder gradients.
+    grads = []
+    for freeze in (False, True):
+        model.zero_grad()
+        model.lm_head.weight.requires_grad_(not freeze)
+        loss_fn = TokenLoss(model)
+        assert loss_fn.chunked == freeze
+        summed, _ = loss_fn(**batch)
+        summed.backward()
+        torch.testing.assert_close(summed / n, reference, rtol=1e-6, atol=1e-6)
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
 def test_sample_dataset_is_generated_varied_and_held_out(tokenizer) -> None:
@@ -127,3 +139,21 @@ def test_sample_dataset_is_generated_varied_and_held_out(tokenizer) -> None:
     held_out = [r.conversation for r in evals.records]
     assert not people(rows) & people(held_out)
     assert not {json.dumps(c.messages) for c in rows} & {json.dumps(c.messages) for c in held_out}
+
+
+def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    from philora import loss
+
+    monkeypatch.setattr(loss, "CHUNK", 96)  # several chunks and a short last one
+    torch.manual_seed(0)
+    hidden = torch.randn(250, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 16, dtype=torch.float64)
+    targets = torch.randint(0, 300, (250,))
+    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    chunked = loss.ChunkedHeadLoss.apply(hidden, weight, targets)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-12)
+    (expected,) = torch.autograd.grad(full * 0.37, hidden)
+    (got,) = torch.autograd.grad(chunked * 0.37, hidden)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    with torch.no_grad():  # eval: no gradient is computed or kept
+        assert loss.ChunkedHeadLoss.apply(hidden, weight, targets).item() == pytest.approx(full.item(), rel=1e-12)
