@@ -1,0 +1,257 @@
+"""`philora merge`: fold an adapter into its full-precision base and prove the result answers the same.
+
+The base is loaded in fp32 (for a QLoRA adapter: the original weights, not a de-quantised 4-bit copy), the adapter
+is merged with peft's `merge_and_unload(safe_merge=True)` in fp32, and only then is the model cast to the dtype it
+is saved in (`--dtype auto` keeps the base checkpoint's own dtype). The merged model is saved as sharded
+safetensors with the tokenizer, its chat template and a generation config that stops on the end-of-turn token.
+
+Parity: the saved model is read back from disk and its logits on a few chat-rendered prompts are compared with
+the unmerged base + adapter (fp32, the adapter as trained). Both run in fp32, so what is measured is the merge
+and the rounding of the saved weights, not the noise of low-precision arithmetic. The max abs difference is
+judged relative to the logits' scale (max |logit| of the reference): fp32 must agree to 1e-4 of it (measured
+2.2e-6 on the embedded model with a rank-8 adapter on every projection); bf16 and fp16 weights round every
+matrix to 8 and 11 significant bits, so they get 5e-2 and 1e-2 (measured 7.7e-3 and 1.1e-3). The numbers go to a
+line on stderr and to OUTPUT/merge.json; a failed check exits 1 and records `passed: false`, which export refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from philora.errors import UserError
+from philora.inference import Adapter, base_section, read_adapter
+
+# Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Initialisations whose adapters only make sense on a base they rewrote; `philora train` saves them converted
+# to plain LoRA (init_lora_weights: true), an adapter saved unconverted still names them.
+NEEDS_REWRITTEN_BASE = ("pissa", "olora", "corda", "loftq")
+# Conversations the parity check renders with the model's own chat template (generation prompt on).
+PARITY_CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain LoRA."}],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name 2 colours."},
+    ],
+]
+
+
+@dataclass
+class Parity:
+    """How far two models' logits are apart on the parity prompts."""
+
+    max_abs_diff: float
+    logit_scale: float  # max |logit| of the reference
+    relative: float  # max_abs_diff / logit_scale
+    tolerance: float  # allowed `relative`
+    top1_agreement: float  # fraction of positions whose argmax token is the same
+    positions: int
+
+    @property
+    def passed(self) -> bool:
+        return self.relative <= self.tolerance
+
+
+def main(args: argparse.Namespace) -> int:
+    adapter = read_adapter(args.adapter)
+    check_adapter_kind(adapter)
+    output = check_output_dir(Path(args.output).expanduser())
+    max_shard_size = parse_size(args.max_shard_size)
+    # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
+    section = replace(base_section([adapter], args.model, "float32"), attn_implementation="sdpa")
+    started = time.time()
+    report = merge(adapter, section, output, args.dtype, max_shard_size)
+    report["seconds"] = round(time.time() - started, 1)
+    (output / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
+    parity = Parity(**report["parity"])
+    print(parity_line("merge", parity, report["dtype"]), file=sys.stderr)
+    if not parity.passed:
+        print(
+            f"philora: error: the merged model in {output} does not reproduce base + adapter (relative diff "
+            f"{parity.relative:.2e} > {parity.tolerance:.0e}); do not use it. Try --dtype float32; if that fails too, "
+            "this is a bug: please report it with merge.json",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"philora: merged model in {output}", file=sys.stderr)
+    return 0
+
+
+def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_size: int) -> dict[str, Any]:
+    """Merge, save and check; returns the merge.json record."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from philora.data.render import ChatEncoder
+    from philora.model import load_model, load_tokenizer, model_source
+
+    tokenizer = load_tokenizer(section)
+    encoder = ChatEncoder(tokenizer)  # gives a Phi-3 tokenizer without a template the official one
+    source = model_source(section)
+    target = saved_dtype(dtype, source, section)
+    base = load_model(section, training=False)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"--adapter {adapter.path}: does not fit the base model {source}: {first} — pass the --model it was "
+            "trained on"
+        ) from None
+    prompts = parity_prompts(encoder)
+    reference = logits_of(model, prompts)
+    with model.disable_adapter():  # on the first prompt: enough to show the adapter changes the answers
+        effect = compare(reference[:1], logits_of(model, prompts[:1]), float("inf"))
+    merged = merge_weights(model, adapter.path)
+    del model, base
+    merged.to(TORCH_DTYPES[target])
+    check_finite(merged, adapter.path, target)  # after the cast: fp16 overflows to inf past 65504
+    save_merged(merged, tokenizer, encoder.stop_ids, output, max_shard_size)
+    del merged
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).to(reference[0].device).eval()
+    parity = compare(reference, logits_of(reloaded, prompts), TOLERANCE[target])
+    return {
+        "adapter": str(adapter.path),
+        "base": source,
+        "base_trained_quantization": adapter.model.quantization,
+        "dtype": target,
+        "prompts": len(prompts),
+        "parity": asdict(parity),
+        "passed": parity.passed,
+        "adapter_effect_max_abs_diff": effect.max_abs_diff,  # base vs base + adapter: > 0 makes parity mean something
+        "stop_token_ids": encoder.stop_ids,
+    }
+
+
+def check_adapter_kind(adapter: Adapter) -> None:
+    """Refuse adapters that cannot be merged onto the original base weights."""
+    config = json.loads((adapter.path / "adapter_config.json").read_text())
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(NEEDS_REWRITTEN_BASE):
+        raise UserError(
+            f"--adapter {adapter.path}: a {init} adapter saved unconverted only fits the base it rewrote, not the "
+            "original weights; save it converted (peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...), as `philora train` does) and merge that"
+        )
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"--adapter {adapter.path}: peft_type {config['peft_type']} is not LoRA; merge needs LoRA")
+
+
+def check_output_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path}: is a file; give a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        held = "a model" if (path / "config.json").exists() else "files"
+        raise UserError(f"--output {path}: already holds {held}; give a new or empty directory")
+    return path
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"--max-shard-size {text}: not a size; use e.g. 2GB, 500MB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def saved_dtype(requested: str, source: str, section: Any) -> str:
+    """The dtype the merged weights are saved in: --dtype, or for auto the base checkpoint's own dtype."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return name if name in TORCH_DTYPES else "float32"
+
+
+def parity_prompts(encoder: Any) -> list[list[int]]:
+    """Token ids of the parity conversations, each ending in the generation prompt."""
+    return [encoder.ids(messages, generation_prompt=True) for messages in PARITY_CONVERSATIONS]
+
+
+@torch.no_grad()
+def logits_of(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """fp32 logits of every position of each prompt (one at a time: no padding to get wrong)."""
+    device = next(model.parameters()).device
+    return [model(torch.tensor([ids], device=device)).logits[0].float() for ids in prompts]
+
+
+def compare(reference: list[torch.Tensor], other: list[torch.Tensor], tolerance: float) -> Parity:
+    ref, got = torch.cat(reference), torch.cat([o.to(reference[0].device) for o in other])
+    diff = float((ref - got).abs().max())
+    scale = float(ref.abs().max())
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    return Parity(diff, scale, diff / scale if scale else diff, tolerance, top1, ref.shape[0])
+
+
+def parity_line(what: str, parity: Parity, dtype: str) -> str:
+    verdict = "ok" if parity.passed else "FAILED"
+    return (
+        f"philora: {what} parity ({dtype}, {parity.positions} positions): max |Δlogit| {parity.max_abs_diff:.3g} "
+        f"= {parity.relative:.2e} of the logit scale {parity.logit_scale:.3g} (tolerance {parity.tolerance:.0e}); "
+        f"top-1 agreement {parity.top1_agreement:.1%} — {verdict}"
+    )
+
+
+def merge_weights(model: Any, adapter_path: Path) -> Any:
+    """peft's safe merge (it checks each merged matrix for NaN), after checking the adapter's own tensors."""
+    bad = [n for n, p in model.named_parameters() if "lora_" in n and not finite(p)]
+    if bad:
+        raise UserError(
+            f"--adapter {adapter_path}: {len(bad)} adapter tensors hold NaN or inf (first: {bad[0]}); the training "
+            "run diverged — merge an earlier checkpoint or retrain with a lower learning rate"
+        )
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as e:
+        if "NaN" not in str(e):
+            raise
+        raise UserError(f"--adapter {adapter_path}: merging it gives NaN weights; the adapter is broken") from None
+    return merged
+
+
+def check_finite(model: Any, adapter_path: Path, dtype: str) -> None:
+    """Refuse to save a merged model with any NaN or inf weight."""
+    bad = [n for n, p in model.named_parameters() if not finite(p)]
+    if bad:
+        hint = "; try --dtype bfloat16 or float32" if dtype == "float16" else ""
+        raise UserError(
+            f"--adapter {adapter_path}: the merged {dtype} weights hold NaN or inf ({len(bad)} tensors, first: "
+            f"{bad[0]}); refusing to save them{hint}"
+        )
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in `tensor`. A sum is NaN/inf when any element is (and is cheap); only then look closer, since a
+    sum of huge finite values can overflow too."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def save_merged(model: Any, tokenizer: Any, stop_ids: list[int], output: Path, max_shard_size: int) -> None:
+    """Sharded safetensors, tokenizer + chat template, and a generation config that stops at the end of a turn."""
+    config = model.generation_config
+    current = config.eos_token_id
+    eos = [current] if isinstance(current, int) else list(current or [])
+    config.eos_token_id = sorted(set(eos) | set(stop_ids))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(output)
