@@ -88,8 +88,8 @@ def _after_training_commands(sub: Any) -> None:
     ev.add_argument("--data", metavar="FILE", help="eval data (default: the run's eval data)")
     ev.add_argument("--output", metavar="DIR", help="where eval.json, eval.md and report.html go (default: RUN/eval)")
     ev.add_argument("--limit", type=int, metavar="N", help="score at most N conversations")
-    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts generated per batch")
-    ev.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer in tokens")
+    ev.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (default: the run's eval batch)")
+    ev.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's setting)")
     ev.add_argument("--no-base", action="store_true", help="skip the base model's answers")
 
     merge = sub.add_parser("merge", help="merge an adapter into its full-precision base; checks logits parity")

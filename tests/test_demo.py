@@ -1,4 +1,5 @@
-"""The demo end to end on the embedded model: it learns the task, and plain peft reproduces what it trained."""
+"""The demo end to end on the embedded model: it learns the task, plain peft reproduces what it trained, and
+`philora eval` on its adapter reports the scores the run recorded."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from philora import cli
 from philora.config import load_config
 from philora.train import train
 
 
 @pytest.mark.slow
-def test_demo_visibly_learns_and_its_adapter_loads_in_plain_peft(tmp_path: Path, embedded_dir: Path) -> None:
+def test_demo_visibly_learns_and_its_adapter_loads_in_plain_peft(
+    tmp_path: Path, embedded_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,3 +37,19 @@ def test_demo_visibly_learns_and_its_adapter_loads_in_plain_peft(tmp_path: Path,
     with torch.no_grad():
         ours = result.model.eval()(**ids).logits
         torch.testing.assert_close(reloaded(**ids).logits, ours, rtol=0, atol=1e-5)
+
+    # `philora eval` on the demo's adapter: base (adapter disabled) and fine-tuned from one load, the run's eval set
+    # and generation settings by default: the same scores and eval losses as the run's own eval.json.
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(result.output_dir)]) == 0
+    err = capsys.readouterr().err
+    recorded = json.loads((result.output_dir / "eval.json").read_text())
+    ours = json.loads((result.output_dir / "eval" / "eval.json").read_text())
+    assert ours["prompts"] == recorded["prompts"] == 40
+    assert ours["before"] == before and ours["after"] == after
+    for model in ("before", "after"):
+        assert ours["loss"][model]["eval_loss"] == pytest.approx(recorded["loss"][model]["eval_loss"], rel=1e-5)
+    assert ours["loss"]["after"]["eval_loss"] < ours["loss"]["before"]["eval_loss"]
+    row = next(line.split() for line in err.splitlines() if line.strip().startswith("exact match"))
+    assert row[2:4] == [f"{100 * before['exact_match']:.1f}%", f"{100 * after['exact_match']:.1f}%"]
+    assert (result.output_dir / "eval" / "report.html").is_file() and (result.output_dir / "report.html").is_file()

@@ -1,0 +1,150 @@
+"""`philora eval`: a trained adapter on held-out data, the fine-tuned model beside its base.
+
+The eval data goes through the same pipeline as training, with the run's data settings from run.json (format,
+columns, max_length, overlong, train_on), so the loss is measured on the same tokens and masks the run measured.
+By default the data is the run's own eval set, as the run chose it (a file, a seeded fraction of train, or the
+sample eval split), and generation uses the run's eval batch size and generation length: then the numbers match
+what `philora train` recorded. The model loads once; the base answers with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from philora import evaluate
+from philora.config import DataSection, ModelSection
+from philora.data import Split, load_source, prepare, source_specs
+from philora.data.render import ChatEncoder
+from philora.errors import UserError
+from philora.inference import Adapter, load, read_adapter
+
+MAX_LISTED_PROBLEMS = 10
+DEFAULT_BATCH_SIZE = 16  # for adapters without a run.json
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.adapter:
+        raise UserError("--adapter: required; give the adapter/ dir of a run (or the run dir itself)")
+    adapter = read_adapter(args.adapter)
+    run = read_run_config(adapter)
+    dc = data_section(run)
+    tc = run["training_config"] if run else {}
+    batch_size = _positive("--batch-size", args.batch_size, tc.get("per_device_eval_batch_size", DEFAULT_BATCH_SIZE))
+    max_new = _positive(
+        "--max-new-tokens", args.max_new_tokens, tc.get("generation_max_length", DEFAULT_MAX_NEW_TOKENS)
+    )
+    limit = _positive("--limit", args.limit, None)
+
+    from philora.model import load_tokenizer
+
+    # The data before the model: a bad file fails in seconds, not after loading gigabytes of weights.
+    tokenizer = load_tokenizer(ModelSection(name_or_path=args.model) if args.model else adapter.model)
+    encoder = ChatEncoder(tokenizer)
+    split, spec = eval_split(dc, args.data, run, encoder, adapter)
+    if limit is not None:
+        split = Split(split.records[:limit])
+    model, _ = load([adapter], args.model, args.dtype)
+    evaluation = evaluate.evaluate_model(
+        model,
+        encoder,
+        split.samples,
+        evaluate.prompts_and_references(split.conversations),
+        batch_size=batch_size,
+        max_new_tokens=max_new,
+        base=not args.no_base,
+        settings={
+            "command": "eval",
+            "run": adapter.path.parent.name if run else adapter.path.name,
+            "adapter": str(adapter.path),
+            "base_model": args.model or adapter.model.name_or_path or "embedded",
+            "data": spec,
+            "conversations": len(split.conversations),
+            "limit": limit,
+            "data_settings": {k: getattr(dc, k) for k in ("format", "columns", "max_length", "overlong", "train_on")},
+        },
+    )
+    out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
+    evaluate.write_results(out, evaluation, adapter.path.parent if run else None)
+    print(evaluate.format_comparison(evaluation), file=sys.stderr)
+    print(f"philora: wrote eval.json, eval.md and report.html to {out}", file=sys.stderr)
+    return 0
+
+
+def _positive(flag: str, value: int | None, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if value < 1:
+        raise UserError(f"{flag} {value}: must be at least 1")
+    return value
+
+
+def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
+    """The config the adapter was trained with, when it sits in a philora run dir."""
+    run_file = adapter.path.parent / "run.json"
+    return json.loads(run_file.read_text())["config"] if run_file.is_file() else None
+
+
+def data_section(run: dict[str, Any] | None) -> DataSection:
+    """The run's data settings (defaults for an adapter from elsewhere)."""
+    if run is None:
+        return DataSection()
+    known = {f.name for f in dataclasses.fields(DataSection)}
+    return DataSection(**{k: v for k, v in run["data"].items() if k in known})
+
+
+def default_output(adapter: Adapter, in_run: bool) -> Path:
+    """RUN/eval beside a run's adapter/; ADAPTER-eval beside an adapter from elsewhere."""
+    if in_run:
+        return adapter.path.parent / "eval"
+    return adapter.path.with_name(adapter.path.name + "-eval")
+
+
+def eval_split(
+    dc: DataSection, data: str | None, run: dict[str, Any] | None, encoder: ChatEncoder, adapter: Adapter
+) -> tuple[Split, str]:
+    """The conversations to evaluate and where they came from: --data, else the run's own eval set."""
+    if data is not None:
+        return read_split(data, "--data", dc, encoder), data
+    if run is None:
+        raise UserError(f"--adapter {adapter.path}: no run.json beside it to name its eval data; pass --data FILE")
+    if isinstance(dc.eval, float):  # a seeded fraction of train, re-drawn exactly as the run drew it
+        try:
+            prepared = prepare(dc, encoder.tokenizer, run["training_config"]["seed"])
+        except UserError as e:
+            raise UserError(*(f"the run's data.train: {p}; pass --data FILE" for p in e.problems)) from None
+        assert prepared.eval is not None
+        return prepared.eval, f"{dc.eval:g} of {dc.train} (held out with seed {run['training_config']['seed']})"
+    _, spec = source_specs(dc)
+    if spec is None:
+        raise UserError(f"--adapter {adapter.path}: its run had no eval data (data.eval: null); pass --data FILE")
+    split = read_split(spec, "the run's data.eval", dc, encoder)
+    if dc.max_eval_samples is not None:  # as the run did
+        split = Split(split.records[: dc.max_eval_samples])
+    return split, spec
+
+
+def read_split(spec: str, what: str, dc: DataSection, encoder: ChatEncoder) -> Split:
+    """One source read and encoded like training data; any bad row is an error here, whatever on_bad_row says,
+    since scores over a silently shortened set would mislead."""
+    try:
+        source = load_source(spec, "eval", dc, encoder)
+    except UserError as e:
+        raise UserError(*(f"{what} {p}" if p.startswith(spec) else f"{what} {spec}: {p}" for p in e.problems)) from None
+    if source.problems:
+        listed = source.problems[:MAX_LISTED_PROBLEMS]
+        more = f" ({len(source.problems) - len(listed)} more not listed)" if len(source.problems) > len(listed) else ""
+        raise UserError(
+            *listed,
+            f"{what} {spec}: {len(source.problems)} bad rows{more}; fix them (`philora data check {spec}` lists "
+            "each) or evaluate on another file",
+        )
+    split = Split(source.records)
+    if not split.samples:
+        raise UserError(f"{what} {spec}: no conversation with a trained token to evaluate on")
+    return split

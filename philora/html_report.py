@@ -1,0 +1,277 @@
+"""The readable forms of an evaluation: eval.md (a Markdown table and samples) and report.html, one self-contained
+page with no external URL (inline CSS, the loss curve as an inline PNG) that opens anywhere, offline, and can be
+mailed or attached to a pull request as one file. Every piece of model or data text is HTML-escaped; a Content
+Security Policy forbids any fetch and every script but the one below, so the page stays inert whatever the
+answers hold."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from philora.evaluate import RUNS, format_delta, format_value, metric_rows, present_runs
+
+HTML_SAMPLES = 100  # samples shown in report.html; eval.json has them all
+MD_SAMPLES = 5
+
+# Records on each image the size it decoded to: a visible sign that the inline PNG is intact (tests read it).
+SCRIPT = (
+    "for (const img of document.images) {"
+    " const mark = () => { img.dataset.naturalWidth = img.naturalWidth; };"
+    " if (img.complete) mark(); else { img.addEventListener('load', mark); img.addEventListener('error', mark); } }"
+)
+
+CSS = """
+:root { color-scheme: light dark; --fg: #1d2430; --muted: #5f6b7a; --bg: #fff; --line: #d8dee6; --soft: #f4f6f9;
+  --good: #1a7f37; --bad: #c0392b; --accent: #2f6db5; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e6e9ee; --muted: #9aa5b1; --bg: #14181d; --line: #2e353e;
+  --soft: #1c2128; --good: #3fb950; --bad: #f85149; --accent: #6ea8e8; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1200px; padding: 24px; font: 15px/1.5 system-ui, sans-serif; color: var(--fg);
+  background: var(--bg); }
+h1 { font-size: 1.5em; margin: 0 0 4px; } h2 { font-size: 1.15em; margin: 32px 0 8px; }
+.meta, .note { color: var(--muted); } .note { font-style: italic; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { padding: 5px 12px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+#metrics td.num, #metrics th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.better { color: var(--good); font-weight: 600; } td.worse { color: var(--bad); font-weight: 600; }
+#run th { font-weight: 500; color: var(--muted); white-space: nowrap; }
+img { max-width: 100%; height: auto; border: 1px solid var(--line); background: #fff; }
+.sample { border: 1px solid var(--line); border-radius: 6px; margin: 12px 0; padding: 10px 12px; }
+.sample h3 { font-size: 1em; margin: 0 0 6px; }
+.answers { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 8px; }
+.answers > div { background: var(--soft); border-radius: 4px; padding: 6px 8px; min-width: 0; }
+.label { font-size: 0.8em; text-transform: uppercase; letter-spacing: 0.04em; color: var(--muted); }
+pre { margin: 2px 0 0; white-space: pre-wrap; word-break: break-word; font: 13px/1.45 ui-monospace, monospace; }
+.badge { font-size: 0.8em; padding: 0 6px; border-radius: 8px; margin-left: 6px; border: 1px solid currentColor; }
+.hit { color: var(--good); } .miss { color: var(--bad); }
+details { margin: 4px 0; } summary { cursor: pointer; color: var(--muted); }
+footer { margin-top: 32px; font-size: 0.85em; color: var(--muted); }
+"""
+
+
+def read_run(run_dir: Path | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """run.json and the metrics.jsonl records of a run dir; None for what is not there."""
+    from philora.logs import MetricsLog
+
+    if run_dir is None:
+        return None, None
+    run_file, metrics_file = run_dir / "run.json", run_dir / "metrics.jsonl"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else None
+    records = MetricsLog(metrics_file).records if metrics_file.is_file() else None
+    return run, records
+
+
+def loss_plot_png(records: list[dict[str, Any]]) -> bytes:
+    """The run's loss curve (train loss per logged step, eval loss per evaluation) as PNG bytes: the same figure
+    as the run's loss.png, drawn again from metrics.jsonl."""
+    from philora.logs import plot_losses
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "loss.png"
+        plot_losses(records, path)
+        return path.read_bytes()
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _tone(kind: str, delta: float | None) -> str:
+    """'better' or 'worse' for a difference of after - before; losses improve downwards, scores upwards."""
+    if not delta:
+        return ""
+    return "better" if (delta < 0) == (kind != "score") else "worse"
+
+
+def metrics_table(evaluation: dict[str, Any]) -> str:
+    runs = present_runs(evaluation)
+    both = len(runs) == 2
+    head = "".join(f'<th class="num">{_e(RUNS[r])}</th>' for r in runs) + ('<th class="num">Δ</th>' if both else "")
+    rows = []
+    for row in metric_rows(evaluation):
+        cells = "".join(f'<td class="num" data-model="{r}">{_e(format_value(row["kind"], row[r]))}</td>' for r in runs)
+        if both:
+            tone = _tone(row["kind"], row["delta"])
+            cells += f'<td class="num {tone}" data-model="delta">{_e(format_delta(row["kind"], row["delta"]))}</td>'
+        rows.append(f'<tr data-metric="{row["key"]}"><th>{_e(row["label"])}</th>{cells}</tr>')
+    return f'<table id="metrics"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def loss_section(records: list[dict[str, Any]] | None) -> str:
+    if records is None:
+        return (
+            '<p class="note" id="no-loss-curve">No training log (metrics.jsonl) next to this adapter, '
+            "so there is no loss curve to show.</p>"
+        )
+    if not any("loss" in r or "eval_loss" in r for r in records):
+        return '<p class="note" id="no-loss-curve">The run logged no losses (training_config.logging_strategy).</p>'
+    data = base64.b64encode(loss_plot_png(records)).decode()
+    return (
+        f'<figure><img id="loss-curve" alt="train and eval loss per optimizer step" src="data:image/png;base64,{data}">'
+        '<figcaption class="meta">cross-entropy per trained token: train loss at each logged step, eval loss at each '
+        "evaluation (from metrics.jsonl)</figcaption></figure>"
+    )
+
+
+def run_summary(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's settings and outcome that matter when reading its scores, as (label, value) pairs."""
+    c = run["config"]
+    model, data, peft, tc = c["model"], c["data"], c["peft_config"], c["training_config"]
+    lora = f"r {peft['r']}, alpha {peft['lora_alpha']}, dropout {peft['lora_dropout']}, {peft['target_modules']}"
+    lora += "".join(f", {name}" for name in ("use_dora", "use_rslora") if peft.get(name))
+    if peft.get("init_lora_weights") is not True:
+        lora += f", init {peft.get('init_lora_weights')}"
+    params = run.get("parameters") or {}
+    eval_data = data["eval"] if data["eval"] is not None else "the sample eval split" if data["train"] is None else ""
+    weights = str(run.get("model_dtype", model["dtype"])) + (
+        f", {model['quantization']}" if model["quantization"] else ""
+    )
+    speed = f"{run.get('train_seconds', 0):.0f} s, {run.get('tokens_per_s', 0):,.0f} tokens/s on {run.get('device')}"
+    final = _number(run.get("final_loss"))
+    if run.get("final_eval_loss") is not None:
+        final += f" (eval {_number(run['final_eval_loss'])})"
+    rows = [
+        ("base model", model["name_or_path"] or "the embedded model (SmolLM2-135M-Instruct as Phi-3)"),
+        ("weights", weights),
+        ("LoRA", lora),
+        ("trainable", f"{params['trainable']:,} of {params['total']:,} parameters" if params else ""),
+        ("train data", data["train"] or "the sample dataset"),
+        ("eval data", str(eval_data)),
+        ("sequences", f"max_length {data['max_length']}, packing {data['packing']}, train_on {data['train_on']}"),
+        ("optimizer", f"lr {tc['learning_rate']:g} {tc['lr_scheduler_type']}, batch {tc['per_device_train_batch_size']}"
+                      f" × {tc['gradient_accumulation_steps']} accumulated, seed {tc['seed']}"),
+        ("steps", f"{run.get('steps', '?')}, {run.get('trained_tokens', 0):,} trained tokens"),
+        ("time", speed),
+        ("final loss", final),
+    ]  # fmt: skip
+    return [(k, v) for k, v in rows if v]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def samples_section(evaluation: dict[str, Any]) -> str:
+    samples = evaluation["samples"]
+    if not samples:
+        return '<p class="note">No prompts to answer in this data (text rows have none), so no generations.</p>'
+    shown = samples[:HTML_SAMPLES]
+    runs = [r for r in RUNS if r in samples[0]]
+    parts = []
+    if len(shown) < len(samples):
+        parts.append(f'<p class="meta">The first {len(shown)} of {len(samples)}; eval.json has them all.</p>')
+    for i, s in enumerate(shown, 1):
+        context = "".join(
+            f'<div class="label">{_e(m["role"])}</div><pre>{_e(m["content"])}</pre>' for m in s["prompt"][:-1]
+        )
+        last = s["prompt"][-1] if s["prompt"] else {"role": "user", "content": ""}
+        earlier = f"<details><summary>{len(s['prompt']) - 1} earlier message(s)</summary>{context}</details>"
+        answers = [("reference", s["reference"], "")]
+        for r in runs:
+            hit = s[r].strip() == s["reference"].strip()
+            badge = f'<span class="badge {"hit" if hit else "miss"}">{"exact" if hit else "differs"}</span>'
+            answers.append((RUNS[r], s[r], badge))
+        cells = "".join(
+            f'<div data-answer="{_e(name)}"><span class="label">{_e(name)}</span>{badge}<pre>{_e(text)}</pre></div>'
+            for name, text, badge in answers
+        )
+        parts.append(
+            f'<article class="sample" id="sample-{i}"><h3>#{i}</h3>{earlier if context else ""}'
+            f'<div class="label">{_e(last["role"])}</div><pre>{_e(last["content"])}</pre>'
+            f'<div class="answers">{cells}</div></article>'
+        )
+    return "".join(parts)
+
+
+def render(evaluation: dict[str, Any], run: dict[str, Any] | None, records: list[dict[str, Any]] | None) -> str:
+    """report.html for an evaluation, with the run's settings and loss curve when they are known."""
+    settings = evaluation.get("settings", {})
+    title = f"philora eval: {settings.get('run') or settings.get('adapter') or 'adapter'}"
+    about = ", ".join(
+        _e(part)
+        for part in (
+            f"base {settings['base_model']}" if settings.get("base_model") else "",
+            f"data {settings['data']}" if settings.get("data") else "",
+            f"{settings.get('loss_samples', 0)} samples for the loss",
+            f"{evaluation['prompts']} prompts, greedy, at most {settings.get('max_new_tokens', '?')} new tokens",
+            settings.get("created", ""),
+        )
+        if part
+    )
+    if run is not None:
+        summary = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in run_summary(run))
+        run_html = f'<table id="run">{summary}</table>'
+    else:
+        run_html = (
+            '<p class="note" id="no-run">No run.json next to this adapter, so its training settings are unknown.</p>'
+        )
+    versions = ", ".join(f"{k} {v}" for k, v in evaluation.get("versions", {}).items() if v)
+    script_hash = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+    policy = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{policy}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{_e(title)}</h1>
+<p class="meta">{about}</p>
+<h2>Metrics</h2>
+{metrics_table(evaluation)}
+<p class="meta">Loss: cross-entropy per trained token on the eval data; perplexity = e<sup>loss</sup>. Exact match
+after trimming whitespace; ROUGE-L F1 from rouge-score; JSON rows only when every reference is JSON.</p>
+<h2>Loss curve</h2>
+{loss_section(records)}
+<h2>Run</h2>
+{run_html}
+<h2>Samples</h2>
+{samples_section(evaluation)}
+<footer>{_e(versions)}</footer>
+<script>{SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def markdown(evaluation: dict[str, Any]) -> str:
+    """eval.md: the metric table and the first few samples, for a README, an issue or a pull request."""
+    runs = present_runs(evaluation)
+    both = len(runs) == 2
+    settings = evaluation.get("settings", {})
+    lines = ["# philora eval", ""]
+    facts = [f"{k}: `{settings[k]}`" for k in ("adapter", "base_model", "data") if settings.get(k)]
+    facts.append(f"{evaluation['prompts']} prompts, greedy, at most {settings.get('max_new_tokens', '?')} new tokens")
+    lines += ["; ".join(facts) + ".", ""]
+    header = ["metric", *(RUNS[r] for r in runs), *(["Δ"] if both else [])]
+    lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for row in metric_rows(evaluation):
+        cells = [row["label"], *(format_value(row["kind"], row[r]) for r in runs)]
+        cells += [format_delta(row["kind"], row["delta"])] if both else []
+        lines.append("| " + " | ".join(cells) + " |")
+    samples = evaluation["samples"][:MD_SAMPLES]
+    if samples:
+        lines += ["", f"## Samples (the first {len(samples)} of {len(evaluation['samples'])})"]
+    for i, s in enumerate(samples, 1):
+        lines += ["", f"### {i}", ""]
+        for m in s["prompt"]:
+            lines += [f"**{m['role']}**", "", _fenced(m["content"]), ""]
+        for name, text in [("reference", s["reference"]), *((RUNS[r], s[r]) for r in runs if r in s)]:
+            lines += [f"**{name}**", "", _fenced(text), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _fenced(text: str) -> str:
+    """A code block that no run of backticks inside the text can close early."""
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
