@@ -29,6 +29,7 @@ class Run:
     quantization: str | None = None  # 4bit = NF4 QLoRA
     attn: str = "sdpa"
     learning_rate: float = 2e-4
+    checkpoint_layers: float = 0.0  # philora only: recompute this fraction of layers (TRL recomputes them all)
 
     def argv(self) -> list[str]:
         return ["--run", json.dumps(asdict(self))]
@@ -87,6 +88,9 @@ def run_philora(run: Run, out: Path) -> dict:
         settings["model.name_or_path"] = run.model_dir
     if run.quantization:
         settings["model.quantization"] = run.quantization
+    if run.checkpoint_layers:
+        settings["training_config.gradient_checkpointing"] = True
+        settings["training_config.gradient_checkpointing_layers"] = run.checkpoint_layers
     train(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

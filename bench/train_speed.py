@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=600, help="generated conversations")
     p.add_argument("--rounds", type=int, default=1, help="alternate philora and TRL this many times; best of each")
     p.add_argument("--bf16", action="store_true", help="bf16 weights/autocast on both sides")
+    p.add_argument("--checkpoint-layers", type=float, default=0.0, metavar="F",
+                   help="philora recomputes this fraction of layers (0 = none; TRL recomputes all)")  # fmt: skip
     p.add_argument("--worker", choices=["philora", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
         data = Path(tmp) / "chats.jsonl"
         generate(data, args.rows)
         dtype = "bfloat16" if args.bf16 else "float32"
-        run = Run(None, str(data), args.length, args.batch, args.steps, dtype)
+        run = Run(None, str(data), args.length, args.batch, args.steps, dtype, checkpoint_layers=args.checkpoint_layers)
         for _ in range(args.rounds):
             for name in ("philora", "trl"):
                 r = spawn(__file__, name, run)
@@ -58,7 +60,8 @@ def main() -> None:
                     results[name] = r
     peak = matmul_peak(dtype)
     print(f"{args.batch} x {args.length} packed tokens per step, {args.steps} timed steps, {dtype}; "
-          f"matmul peak here {peak:.0f} GFLOP/s; best of {args.rounds} alternating round(s)")  # fmt: skip
+          f"matmul peak here {peak:.0f} GFLOP/s; best of {args.rounds} alternating round(s); philora recomputes "
+          f"{args.checkpoint_layers:.0%} of layers, TRL all")  # fmt: skip
     for name, r in results.items():
         print(f"{name:8} {r['tokens_per_s']:7.1f} useful tokens/s   peak RSS {r['peak_rss_mb']:6.0f} MB   "
               f"MFU {100 * mfu(r['tokens_per_s'], r['params'], peak):4.1f}%   losses {r['losses']}")  # fmt: skip

@@ -144,6 +144,11 @@ class TrainingSection:
     fp16: bool = doc(False, "compute in float16 (autocast, loss scaling); CUDA only")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory (slower)")
     gradient_checkpointing_kwargs: dict[str, bool] | None = doc(None, "e.g. {use_reentrant: false}")
+    gradient_checkpointing_layers: float = doc(
+        1.0,
+        "with gradient_checkpointing, the fraction of decoder layers recomputed (evenly spaced): below 1 saves"
+        " less memory and costs less time; 0.25 recomputes every fourth layer",
+    )
     logging_strategy: Literal["steps", "epoch", "no"] = doc("steps", "when to log training loss")
     logging_steps: int = doc(10, "log every this many optimizer steps")
     logging_first_step: bool = doc(False, "also log the first step")

@@ -148,6 +148,19 @@ def check_resume(out: Path, resume: str | bool | None, config: Config, clean: bo
     return path
 
 
+def checkpoint_layers(model: Any, tc: TrainingSection) -> None:
+    """Recompute the activations of a fraction of the decoder layers in backward instead of keeping them: the
+    memory of those layers' activations for about a third more of their compute. Evenly spaced layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = round(len(layers) * tc.gradient_checkpointing_layers)
+    chosen = {int(i * len(layers) / count) for i in range(count)} if count else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+
+
 def make_optimizer(model: Any, tc: TrainingSection, total_steps: int) -> tuple[Any, Any]:
     """AdamW over the trainable (LoRA) parameters, and the warmup + decay schedule."""
     from transformers import get_scheduler
@@ -192,7 +205,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     data.require_usable(prepared, config.data)
     model = load_model(config.model, training=True)
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
+        checkpoint_layers(model, tc)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
     prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
     want_generations = tc.predict_with_generate and bool(prompts) and main

@@ -86,6 +86,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("training_config.per_device_train_batch_size", lambda v: v >= 1, "use a value >= 1"),
     ("training_config.per_device_eval_batch_size", lambda v: v >= 1, "use a value >= 1"),
     ("training_config.gradient_accumulation_steps", lambda v: v >= 1, "use a value >= 1"),
+    ("training_config.gradient_checkpointing_layers", lambda v: 0 < v <= 1, "use a fraction in (0, 1]"),
     ("training_config.logging_steps", lambda v: v >= 1, "use a value >= 1"),
     ("training_config.save_steps", lambda v: v >= 1, "use a value >= 1"),
     ("training_config.eval_steps", lambda v: v is None or v >= 1, "use a value >= 1, or null for logging_steps"),

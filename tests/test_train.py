@@ -287,3 +287,28 @@ def test_a_reporter_without_its_package_says_what_to_install(
     path = tiny_config(tmp_path, tiny_phi3, tiny_data, report_to=["tensorboard", "wandb"])
     assert cli.main(["train", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
     assert "training_config.report_to: wandb needs its package; pip install wandb" in capsys.readouterr().err
+
+
+def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from philora.config import TrainingSection
+    from philora.train import checkpoint_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    checkpoint_layers(model, TrainingSection(gradient_checkpointing=True, gradient_checkpointing_layers=0.5))
+    flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert flags == [True, False]
+
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, eval_strategy="no", max_steps=3)
+    losses = []
+    for name, extra in (("plain", []), ("half", ["training_config.gradient_checkpointing=true",
+                                                 "training_config.gradient_checkpointing_layers=0.5"])):  # fmt: skip
+        out = tmp_path / name
+        train(load_config(str(path), [f"training_config.output_dir={out}", "training_config.logging_steps=1", *extra]))
+        losses.append([r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r])
+    # Recomputation replays the same dropout masks (the RNG state is restored), so nothing changes but memory.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
