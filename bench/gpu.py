@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Run, matmul_peak, mfu, spawn, worker  # noqa: E402
+from harness import Run, common_arguments, matmul_peak, mfu, spawn, work_if_worker  # noqa: E402
 
 # Phi-3-mini-4k-instruct's config.json, the fields that shape the compute.
 PHI3_MINI = {
@@ -103,20 +103,13 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (one more runs first, untimed)")
-    p.add_argument("--length", type=int, default=2048, help="packed row length")
-    p.add_argument("--batch", type=int, default=2, help="rows per step")
-    p.add_argument("--rows", type=int, default=400, help="generated conversations")
+    common_arguments(p, steps=8, length=2048, batch=2, rows=400)
     p.add_argument("--modes", default="lora,qlora", help="comma-separated: lora, qlora")
     p.add_argument("--no-trl", action="store_true", help="philora only")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model with the same vocabulary (for a CPU check)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--worker", choices=["philora", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            worker(args.worker, Run(**json.loads(args.run)), Path(tmp))
+    if work_if_worker(args):
         return
 
     import importlib.util

@@ -4,11 +4,13 @@ its losses as one `RESULT {json}` line on stdout."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,3 +198,22 @@ def mfu(tokens_per_s: float, params: int, peak_gflops: float) -> float:
     """Model FLOP utilisation: a LoRA step costs about 4 x parameters FLOP per token (the forward, and the
     backward through the frozen weights; attention's own FLOPs are left out)."""
     return tokens_per_s * 4 * params / (peak_gflops * 1e9)
+
+
+def common_arguments(p: argparse.ArgumentParser, *, steps: int, length: int, batch: int, rows: int) -> None:
+    """The run-shape flags both benchmarks take, and the hidden ones a worker process is started with."""
+    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps (one more runs first, untimed)")
+    p.add_argument("--length", type=int, default=length, help="packed row length")
+    p.add_argument("--batch", type=int, default=batch, help="rows per step")
+    p.add_argument("--rows", type=int, default=rows, help="generated conversations")
+    p.add_argument("--worker", choices=["philora", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--run", help=argparse.SUPPRESS)
+
+
+def work_if_worker(args: argparse.Namespace) -> bool:
+    """In a worker process (started by `spawn`): run its side and return True; in the parent return False."""
+    if not args.worker:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        worker(args.worker, Run(**json.loads(args.run)), Path(tmp))
+    return True

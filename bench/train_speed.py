@@ -13,7 +13,6 @@ token: forward, and backward through the frozen weights), the loss of each step,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,25 +20,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Run, matmul_peak, mfu, spawn, worker  # noqa: E402
+from harness import Run, common_arguments, matmul_peak, mfu, spawn, work_if_worker  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps (one more runs first, untimed)")
-    p.add_argument("--length", type=int, default=512, help="packed row length")
-    p.add_argument("--batch", type=int, default=4, help="rows per step")
-    p.add_argument("--rows", type=int, default=600, help="generated conversations")
+    common_arguments(p, steps=6, length=512, batch=4, rows=600)
     p.add_argument("--rounds", type=int, default=1, help="alternate philora and TRL this many times; best of each")
     p.add_argument("--bf16", action="store_true", help="bf16 weights/autocast on both sides")
     p.add_argument("--checkpoint-layers", type=float, default=0.0, metavar="F",
                    help="philora recomputes this fraction of layers (0 = none; TRL recomputes all)")  # fmt: skip
-    p.add_argument("--worker", choices=["philora", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            worker(args.worker, Run(**json.loads(args.run)), Path(tmp))
+    if work_if_worker(args):
         return
 
     from data_prep import generate

@@ -63,7 +63,7 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
 
 
 def test_each_process_takes_every_world_th_row_and_a_short_batch_lends_one() -> None:
-    from philora.train import Plan
+    from philora.plan import Plan
 
     rows = [[i] for i in range(5)]
     plans = [Plan(rows, batch_size=2, accumulation=1, total_steps=2, seed=0, world=2, rank=r) for r in (0, 1)]

@@ -174,7 +174,8 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path, tiny_phi3: Path, tiny_data:
 
 
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
-    from philora.train import Plan, due
+    from philora.plan import Plan
+    from philora.train import due
 
     plan = Plan(rows=[[i] for i in range(10)], batch_size=3, accumulation=2, total_steps=4, seed=5)
     assert plan.per_epoch == 4  # micro-batches of 3, 3, 3, 1

@@ -1,0 +1,68 @@
+"""Which rows make up each optimizer step: the data order of a run, a function of the step index alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from philora import data
+from philora.config import TrainingSection
+from philora.data.batching import Row, one_per_row, pack
+
+
+@dataclass
+class Plan:
+    """How the rows become optimizer steps. Micro-batch k of the whole run is batch k % per_epoch of epoch
+    k // per_epoch, each epoch in a seeded order, so a step's data follows from its index alone (exact resume).
+
+    With several processes a micro-batch holds batch_size rows per process and process `rank` takes every
+    world-th row of it, so N processes see the same global batches as one process with N times the batch."""
+
+    rows: list[Row]
+    batch_size: int
+    accumulation: int
+    total_steps: int
+    seed: int
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / (self.batch_size * self.world))
+
+    def micro_batches(self, step: int) -> list[list[Row]]:
+        """The global micro-batches of optimizer step `step` (from 0), every process's rows."""
+        out = []
+        width = self.batch_size * self.world
+        for k in range(step * self.accumulation, (step + 1) * self.accumulation):
+            epoch, index = divmod(k, self.per_epoch)
+            order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+            picked = order[index * width : (index + 1) * width].tolist()
+            out.append([self.rows[i] for i in picked])
+        return out
+
+    def mine(self, rows: list[Row]) -> list[Row]:
+        """This process's share of a global micro-batch (never empty: a short last batch lends its first row to
+        the processes it cannot feed, which then contribute no loss; see `loop`)."""
+        return rows[self.rank :: self.world] or rows[:1]
+
+    def owns(self, rows: list[Row]) -> bool:
+        return bool(rows[self.rank :: self.world])
+
+    def epochs_done(self, steps: int) -> float:
+        return steps * self.accumulation / self.per_epoch
+
+    def ends_epoch(self, steps: int) -> bool:
+        """Whether optimizer step number `steps` (from 1) consumed the last micro-batch of an epoch."""
+        return steps * self.accumulation // self.per_epoch > (steps - 1) * self.accumulation // self.per_epoch
+
+
+def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool, world: int = 1,
+              rank: int = 0) -> Plan:  # fmt: skip
+    rows = pack([len(s.input_ids) for s in samples], max_length) if packing else one_per_row(len(samples))
+    plan = Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, 0, tc.seed, world, rank)
+    per_epoch_steps = math.ceil(plan.per_epoch / tc.gradient_accumulation_steps)
+    plan.total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * per_epoch_steps)
+    return plan
