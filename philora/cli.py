@@ -72,7 +72,11 @@ def _adapter_and_model(p: argparse.ArgumentParser, *, many: bool = False) -> Non
     else:
         p.add_argument("--adapter", metavar="DIR", help="a run's adapter/ dir (or the run dir)")
     p.add_argument("--model", metavar="M", help="base model dir or hub id (default: the adapter's own base)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights dtype (default: the dtype the adapter's run trained in; auto for adapters from elsewhere)",
+    )
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:

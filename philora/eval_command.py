@@ -10,7 +10,6 @@ what `philora train` recorded. The model loads once; the base answers with the a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from philora.config import DataSection, ModelSection
 from philora.data import Split, load_source, prepare, source_specs
 from philora.data.render import ChatEncoder
 from philora.errors import UserError
-from philora.inference import Adapter, load, read_adapter
+from philora.inference import Adapter, autocast, known_fields, load, read_adapter
 
 MAX_LISTED_PROBLEMS = 10
 DEFAULT_BATCH_SIZE = 16  # for adapters without a run.json
@@ -49,26 +48,28 @@ def main(args: argparse.Namespace) -> int:
     split, spec = eval_split(dc, args.data, run, encoder, adapter)
     if limit is not None:
         split = Split(split.records[:limit])
+    settings = {
+        "command": "eval",
+        "run": adapter.path.parent.name if run else adapter.path.name,
+        "adapter": str(adapter.path),
+        "base_model": args.model or adapter.model.name_or_path or "embedded",
+        "data": spec,
+        "conversations": len(split.conversations),
+        "limit": limit,
+        "data_settings": {k: getattr(dc, k) for k in ("format", "columns", "max_length", "overlong", "train_on")},
+    }
     model, _ = load([adapter], args.model, args.dtype)
-    evaluation = evaluate.evaluate_model(
-        model,
-        encoder,
-        split.samples,
-        evaluate.prompts_and_references(split.conversations),
-        batch_size=batch_size,
-        max_new_tokens=max_new,
-        base=not args.no_base,
-        settings={
-            "command": "eval",
-            "run": adapter.path.parent.name if run else adapter.path.name,
-            "adapter": str(adapter.path),
-            "base_model": args.model or adapter.model.name_or_path or "embedded",
-            "data": spec,
-            "conversations": len(split.conversations),
-            "limit": limit,
-            "data_settings": {k: getattr(dc, k) for k in ("format", "columns", "max_length", "overlong", "train_on")},
-        },
-    )
+    with autocast(adapter if args.dtype is None else None):  # the run's own arithmetic, for the run's numbers
+        evaluation = evaluate.evaluate_model(
+            model,
+            encoder,
+            split.samples,
+            evaluate.prompts_and_references(split.conversations),
+            batch_size=batch_size,
+            max_new_tokens=max_new,
+            base=not args.no_base,
+            settings=settings,
+        )
     out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
     evaluate.write_results(out, evaluation, adapter.path.parent if run else None)
     print(evaluate.format_comparison(evaluation), file=sys.stderr)
@@ -92,10 +93,7 @@ def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
 
 def data_section(run: dict[str, Any] | None) -> DataSection:
     """The run's data settings (defaults for an adapter from elsewhere)."""
-    if run is None:
-        return DataSection()
-    known = {f.name for f in dataclasses.fields(DataSection)}
-    return DataSection(**{k: v for k, v in run["data"].items() if k in known})
+    return DataSection() if run is None else known_fields(DataSection, run["data"])
 
 
 def default_output(adapter: Adapter, in_run: bool) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from philora.data.batching import collate, one_per_row
+from philora.data.batching import collate, length_groups, one_per_row
 from philora.data.formats import Conversation
 from philora.data.render import ChatEncoder, Sample
 
@@ -38,16 +38,21 @@ METRICS = (
 
 @torch.no_grad()
 def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy per trained token over the eval samples."""
+    """Mean cross-entropy per trained token over the eval samples, in batches of `batch_size` that never mix the
+    two sides of a longrope model's original context."""
+    from philora.model import longrope_boundary
+
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
     device = next(loss_fn.parameters()).device
-    for start in range(0, len(samples), batch_size):
-        rows = one_per_row(min(batch_size, len(samples) - start))
-        batch = collate(samples[start : start + batch_size], rows, pad_id)
-        loss, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item(), count + int(n)
+    boundary = longrope_boundary(getattr(loss_fn, "module", loss_fn).model.config)
+    for group in length_groups([len(s.input_ids) for s in samples], boundary):
+        for start in range(0, len(group), batch_size):
+            batch_samples = [samples[i] for i in group[start : start + batch_size]]
+            batch = collate(batch_samples, one_per_row(len(batch_samples)), pad_id)
+            loss, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+            total, count = total + loss.item(), count + int(n)
     loss_fn.train(was_training)
     return total / max(count, 1)
 
@@ -64,7 +69,6 @@ def prompts_and_references(conversations: Sequence[Conversation]) -> list[tuple[
     return pairs
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     encoder: ChatEncoder,
@@ -72,33 +76,22 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers, batched with left padding, each cut at the end-of-turn token."""
-    tokenizer = encoder.tokenizer
-    device = next(model.parameters()).device
+    """Greedy answers through the token loop that chat and serve use (same stop tokens, same left padding),
+    `batch_size` prompts at a time, each cut at the end-of-turn token."""
+    from philora.generation import Row, Settings
+    from philora.generation import generate as token_loop
+
     was_training = model.training
     model.eval()
     encoded = [encoder.ids(p, generation_prompt=True) for p in prompts]
     # Batches of similar length waste little compute on left padding; answers go back in prompt order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
+    settings = Settings(max_new_tokens=max_new_tokens)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=encoder.stop_ids,
-            pad_token_id=pad,
-            use_cache=True,
-        )
-        for i, row in zip(chunk, out[:, width:].tolist(), strict=True):
-            cut = next((j for j, t in enumerate(row) if t in encoder.stop_ids), len(row))
-            answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+        for i, done in zip(chunk, token_loop(model, encoder, [Row(encoded[i], settings) for i in chunk]), strict=True):
+            answers[i] = done.text.strip()
     model.train(was_training)
     return answers
 

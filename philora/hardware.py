@@ -1,4 +1,4 @@
-"""What the machine can do: which device to use and whether bf16 is fast on it."""
+"""What the machine can do: which device to use, whether bf16 is fast on it, and the dtype table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from pathlib import Path
 
 import torch
 
+from philora.errors import UserError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Overrides the CPU detection, so either path runs on any CPU (bf16 emulated where the CPU lacks it: slowly).
+CPU_BF16_SWITCH = "PHILORA_CPU_BF16"
 
 
 def device() -> torch.device:
@@ -20,12 +24,28 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-@lru_cache(maxsize=1)
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the name config files and run.json use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_has_fast_bf16() -> bool:
+    """Whether `dtype: auto` takes bf16 on this CPU: PHILORA_CPU_BF16=0|1 when set, else the detection."""
+    switch = os.environ.get(CPU_BF16_SWITCH)
+    if switch is None or switch == "":
+        return cpu_detects_bf16()
+    if switch not in ("0", "1"):
+        raise UserError(f"${CPU_BF16_SWITCH}={switch!r}: use 1 (compute in bf16) or 0 (fp32), or unset it to detect")
+    return switch == "1"
+
+
+@lru_cache(maxsize=1)
+def cpu_detects_bf16() -> bool:
     """True when the CPU multiplies bf16 matrices in hardware (AMX, AVX512-BF16, Arm BF16).
 
     Without those instructions PyTorch emulates bf16 matmul, which is several times *slower* than fp32
-    (measured 7-100x on AVX2 machines), so bf16 there is a trap rather than a speed-up.
+    (measured 6x on a 2-core AMD EPYC with AVX2 on this model's shapes, up to 100x elsewhere), so bf16 there is
+    a trap rather than a speed-up.
     """
     try:
         text = Path("/proc/cpuinfo").read_text()

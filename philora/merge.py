@@ -2,8 +2,9 @@
 
 The base is loaded in fp32 (for a QLoRA adapter: the original weights, not a de-quantised 4-bit copy), the adapter
 is merged with peft's `merge_and_unload(safe_merge=True)` in fp32, and only then is the model cast to the dtype it
-is saved in (`--dtype auto` keeps the base checkpoint's own dtype). The merged model is saved as sharded
-safetensors with the tokenizer, its chat template and a generation config that stops on the end-of-turn token.
+is saved in: `--dtype`, else the dtype the run trained in (run.json), else the base checkpoint's own dtype. The
+merged model is saved as sharded safetensors with the tokenizer, its chat template and a generation config that
+stops on the end-of-turn token.
 
 Parity: the saved model is read back from disk and its logits on a few chat-rendered prompts are compared with
 the unmerged base + adapter (fp32, the adapter as trained). Both run in fp32, so what is measured is the merge
@@ -28,11 +29,11 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
+from philora.hardware import DTYPES
 from philora.inference import Adapter, base_section, read_adapter
 
 # Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Initialisations whose adapters only make sense on a base they rewrote; `philora train` saves them converted
 # to plain LoRA (init_lora_weights: true), an adapter saved unconverted still names them.
 NEEDS_REWRITTEN_BASE = ("pissa", "olora", "corda", "loftq")
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
     section = replace(base_section([adapter], args.model, "float32"), attn_implementation="sdpa")
     started = time.time()
-    report = merge(adapter, section, output, args.dtype, max_shard_size)
+    report = merge(adapter, section, output, args.dtype or adapter.dtype or "auto", max_shard_size)
     report["seconds"] = round(time.time() - started, 1)
     (output / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
     parity = Parity(**report["parity"])
@@ -116,7 +117,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
         effect = compare(reference[:1], logits_of(model, prompts[:1]), float("inf"))
     merged = merge_weights(model, adapter.path)
     del model, base
-    merged.to(TORCH_DTYPES[target])
+    merged.to(DTYPES[target])
     check_finite(merged, adapter.path, target)  # after the cast: fp16 overflows to inf past 65504
     save_merged(merged, tokenizer, encoder.stop_ids, output, max_shard_size)
     del merged
@@ -178,7 +179,7 @@ def saved_dtype(requested: str, source: str, section: Any) -> str:
     config = AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(stored).removeprefix("torch.") if stored is not None else "float32"
-    return name if name in TORCH_DTYPES else "float32"
+    return name if name in DTYPES else "float32"
 
 
 def parity_prompts(encoder: Any) -> list[list[int]]:

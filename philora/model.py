@@ -150,3 +150,12 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
         model.to(dev)
     model.config.use_cache = not training
     return model
+
+
+def longrope_boundary(config: Any) -> int | None:
+    """The original context of a longrope model (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini), past which it switches
+    RoPE factor sets; None for every other model."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    return rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)

@@ -9,7 +9,7 @@ import torch
 
 from philora import data
 from philora.config import TrainingSection
-from philora.data.batching import Row, one_per_row, pack
+from philora.data.batching import Row, length_groups, one_per_row, pack
 
 
 @dataclass
@@ -18,7 +18,10 @@ class Plan:
     k // per_epoch, each epoch in a seeded order, so a step's data follows from its index alone (exact resume).
 
     With several processes a micro-batch holds batch_size rows per process and process `rank` takes every
-    world-th row of it, so N processes see the same global batches as one process with N times the batch."""
+    world-th row of it, so N processes see the same global batches as one process with N times the batch.
+
+    `groups` splits the rows into sets that never share a micro-batch (short and long samples of a longrope
+    model, see data.batching): each group is shuffled and cut into micro-batches, and those are shuffled."""
 
     rows: list[Row]
     batch_size: int
@@ -27,21 +30,35 @@ class Plan:
     seed: int
     world: int = 1
     rank: int = 0
+    groups: list[list[int]] | None = None  # row indices per group; None = one group
+
+    @property
+    def width(self) -> int:
+        return self.batch_size * self.world
 
     @property
     def per_epoch(self) -> int:
-        return math.ceil(len(self.rows) / (self.batch_size * self.world))
+        return sum(math.ceil(len(g) / self.width) for g in self.groups or [self.rows])
 
     def micro_batches(self, step: int) -> list[list[Row]]:
         """The global micro-batches of optimizer step `step` (from 0), every process's rows."""
         out = []
-        width = self.batch_size * self.world
         for k in range(step * self.accumulation, (step + 1) * self.accumulation):
             epoch, index = divmod(k, self.per_epoch)
-            order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-            picked = order[index * width : (index + 1) * width].tolist()
-            out.append([self.rows[i] for i in picked])
+            out.append([self.rows[i] for i in self.epoch_batch(epoch, index)])
         return out
+
+    def epoch_batch(self, epoch: int, index: int) -> list[int]:
+        """Row indices of micro-batch `index` of `epoch`, in the epoch's seeded order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.groups is None or len(self.groups) == 1:
+            order = torch.randperm(len(self.rows), generator=generator)
+            return order[index * self.width : (index + 1) * self.width].tolist()
+        batches = []
+        for group in self.groups:
+            shuffled = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [shuffled[at : at + self.width] for at in range(0, len(shuffled), self.width)]
+        return batches[int(torch.randperm(len(batches), generator=generator)[index])]
 
     def mine(self, rows: list[Row]) -> list[Row]:
         """This process's share of a global micro-batch (never empty: a short last batch lends its first row to
@@ -60,9 +77,14 @@ class Plan:
 
 
 def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool, world: int = 1,
-              rank: int = 0) -> Plan:  # fmt: skip
-    rows = pack([len(s.input_ids) for s in samples], max_length) if packing else one_per_row(len(samples))
-    plan = Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, 0, tc.seed, world, rank)
+              rank: int = 0, long_after: int | None = None) -> Plan:  # fmt: skip
+    """The run's plan; `long_after` is a longrope model's original context, whose two sides never share a batch."""
+    lengths = [len(s.input_ids) for s in samples]
+    rows = pack(lengths, max_length, long_after) if packing else one_per_row(len(samples))
+    longest = [max(lengths[i] for i in row) for row in rows]
+    groups = length_groups(longest, long_after) if long_after is not None else None
+    plan = Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, 0, tc.seed, world, rank,
+                groups)  # fmt: skip
     per_epoch_steps = math.ceil(plan.per_epoch / tc.gradient_accumulation_steps)
     plan.total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * per_epoch_steps)
     return plan

@@ -40,6 +40,7 @@ def write_run_record(
     evaluation: dict[str, Any] | None,
     wall_seconds: float,
     processes: int = 1,
+    mixed_precision: str = "no",
 ) -> None:
     trainable, total = trainable_parameters(model)
     losses = [r["loss"] for r in records if "loss" in r]
@@ -52,7 +53,9 @@ def write_run_record(
         "data": data_report.as_record(prepared, config.data),
         "device": str(hardware.device()),
         "processes": processes,
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        # the arithmetic the run used, resolved: eval, chat, serve and merge load the weights in this dtype
+        "model_dtype": hardware.dtype_name(next(model.parameters()).dtype),
+        "mixed_precision": mixed_precision,
         "torch_threads": torch.get_num_threads(),
         "parameters": {"trainable": trainable, "total": total},
         "steps": state["step"],

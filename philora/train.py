@@ -23,7 +23,7 @@ from philora.errors import UserError
 from philora.logs import MetricsLog, plot_losses, reporters
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
 from philora.loss import TokenLoss
-from philora.model import load_model, load_tokenizer
+from philora.model import load_model, load_tokenizer, longrope_boundary
 from philora.plan import Plan, make_plan
 from philora.report import write_run_record
 
@@ -98,7 +98,12 @@ def checkpoint_layers(model: Any, tc: TrainingSection) -> None:
     memory of those layers' activations for about a third more of their compute. Evenly spaced layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tc.gradient_checkpointing_kwargs or {})
+    # Non-reentrant checkpointing (torch's recommendation; it replays the RNG state, so dropout masks match).
+    kwargs = {"use_reentrant": False, **(tc.gradient_checkpointing_kwargs or {})}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     count = round(len(layers) * tc.gradient_checkpointing_layers)
     chosen = {int(i * len(layers) / count) for i in range(count)} if count else set()
@@ -155,12 +160,15 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
     want_generations = tc.predict_with_generate and bool(prompts) and main
     if want_generations and resume_from is None:  # the base model, before any adapter touches it
-        state["answers_before"] = run_generation(model, prepared, prompts, tc, "base model")
+        with accelerator.autocast():  # in the run's arithmetic, as every evaluation of the run
+            state["answers_before"] = evaluate.answer(model, prepared.encoder, [p for p, _ in prompts],
+                                                      tc.generation_max_length, tc.per_device_eval_batch_size,
+                                                      "base model")  # fmt: skip
     model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
     initial = save_initial_adapter(model, out, config.peft_config) if main else None
 
     plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing,
-                     accelerator.num_processes, accelerator.process_index)  # fmt: skip
+                     accelerator.num_processes, accelerator.process_index, longrope_boundary(model.config))  # fmt: skip
     optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     if resume_from is not None and sharded(accelerator):
@@ -171,10 +179,12 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
 
     log = MetricsLog(out / "metrics.jsonl" if main else None, sinks)
     if resume_from is not None:
-        state.update(checkpoint.load(resume_from, model, optimizer, scheduler)["progress"])
+        saved = checkpoint.load(resume_from, model, optimizer, scheduler)
+        state.update(saved["progress"])
         log.truncate_after(state["step"])
         if main:
             print(f"philora: resuming from {resume_from} at step {state['step']}/{plan.total_steps}", file=sys.stderr)
+            warn_if_threads_differ(saved.get("torch_threads"))
 
     loop(config, plan, prepared, model, loss_fn, optimizer, scheduler, accelerator, log, state)
     weights = gathered_adapter(accelerator, loss_fn)
@@ -190,7 +200,8 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     evaluation = None
     if want_generations:  # the same evaluation and files as `philora eval`, base answers from before training
         assert prepared.eval is not None
-        evaluation = evaluate.evaluate_model(
+        with accelerator.autocast():
+            evaluation = evaluate.evaluate_model(
             model,
             prepared.encoder,
             prepared.eval.samples,
@@ -204,14 +215,25 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
                       "base_model": config.model.name_or_path or "embedded",
                       "data": data.source_specs(config.data)[1] or f"{config.data.eval} of {config.data.train}",
                       "conversations": len(prepared.eval.conversations)},
-        )  # fmt: skip
+            )  # fmt: skip
     write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started,
-                     accelerator.num_processes)  # fmt: skip
+                     accelerator.num_processes, accelerator.mixed_precision)  # fmt: skip
     if evaluation is not None:
         evaluate.write_results(out, evaluation, out)
         print(evaluate.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
+
+
+def warn_if_threads_differ(saved: int | None) -> None:
+    """A CPU matmul may split its sums by thread, so a resumed run is bit-exact only with the same thread count."""
+    now = torch.get_num_threads()
+    if saved is not None and saved != now:
+        print(
+            f"philora: warning: resuming with {now} torch threads where the run had {saved}; the continuation may "
+            f"differ from an uninterrupted run in the last bits. For a bit-exact resume set OMP_NUM_THREADS={saved}",
+            file=sys.stderr,
+        )
 
 
 def sharded(accelerator: Any) -> bool:
@@ -242,22 +264,6 @@ def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
         model.save_pretrained(path)
     lora_config.init_lora_weights = pc.init_lora_weights
     return str(path)
-
-
-def run_generation(model: Any, prepared: data.PreparedData, prompts: list, tc: TrainingSection, who: str) -> list:
-    tick = time.perf_counter()
-    answers = evaluate.generate(
-        model,
-        prepared.encoder,
-        [p for p, _ in prompts],
-        tc.generation_max_length,
-        tc.per_device_eval_batch_size,
-    )
-    print(
-        f"philora: answered {len(prompts)} eval prompts with the {who} in {time.perf_counter() - tick:.0f}s",
-        file=sys.stderr,
-    )
-    return answers
 
 
 def due(strategy: str, every: int, done: int, plan: Plan) -> bool:
@@ -366,7 +372,8 @@ def loop(
                 plot_losses(log.records, out / "loss.png")
         if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
             weights = gathered_adapter(accelerator, loss_fn)  # every process takes part
-            saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict()}
+            saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict(),
+                     "torch_threads": torch.get_num_threads()}  # fmt: skip
             if main:
                 checkpoint.save(out, model, optimizer, scheduler, saved, tc.save_total_limit, weights)
     bar.close()

@@ -129,8 +129,8 @@ def test_eval_reproduces_the_runs_numbers_base_beside_tuned(run_dir: Path, capsy
     ours, trained = (json.loads(p.read_text()) for p in (out / "eval.json", run_dir / "eval.json"))
     # the same rows, masks and weights: the loss the run logged last, and the run's base and tuned answers
     final_eval = json.loads((run_dir / "run.json").read_text())["final_eval_loss"]
-    assert ours["loss"]["after"]["eval_loss"] == pytest.approx(final_eval, rel=1e-5)
-    assert ours["loss"]["before"]["eval_loss"] == pytest.approx(trained["loss"]["before"]["eval_loss"], rel=1e-5)
+    assert ours["loss"]["after"]["eval_loss"] == pytest.approx(final_eval, rel=1e-6)
+    assert ours["loss"]["before"]["eval_loss"] == pytest.approx(trained["loss"]["before"]["eval_loss"], rel=1e-6)
     assert ours["loss"]["after"]["perplexity"] == pytest.approx(2.718281828 ** ours["loss"]["after"]["eval_loss"])
     assert [(s["before"], s["after"]) for s in ours["samples"]] == [
         (s["before"], s["after"]) for s in trained["samples"]
@@ -141,6 +141,31 @@ def test_eval_reproduces_the_runs_numbers_base_beside_tuned(run_dir: Path, capsy
     row = next(line for line in err.splitlines() if line.strip().startswith("eval loss"))
     assert row.split()[2:4] == [f"{ours['loss']['before']['eval_loss']:.4f}", f"{final_eval:.4f}"]
     assert f"wrote eval.json, eval.md and report.html to {out}" in err
+
+
+def test_eval_reproduces_a_bf16_run_in_the_dtype_it_trained_in(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run in bf16 weights (what `dtype: auto` gives on GPUs and AMX CPUs) is evaluated in bf16 on any machine:
+    the same eval loss to 1e-6 (same data, batches and dtype; what remains is the order of a float sum) and the
+    same answers. --dtype float32 is honoured, and says so by not saying it follows the run."""
+    out = tmp_path / "run"
+    config = tiny_config(tmp_path, tiny_phi3, tiny_data, max_steps=3, eval_steps=3, save_steps=100)
+    assert cli.main(["train", "--config", str(config), "--output", str(out), "--set", "model.dtype=bfloat16"]) == 0
+    assert json.loads((out / "run.json").read_text())["model_dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert cli.main(eval_args(out)) == 0
+    assert "loading the weights in bfloat16, as the run trained" in capsys.readouterr().err
+    ours, trained = (json.loads(p.read_text()) for p in (out / "eval" / "eval.json", out / "eval.json"))
+    assert ours["settings"]["dtype"] == "bfloat16"
+    for model in ("before", "after"):
+        assert ours["loss"][model]["eval_loss"] == pytest.approx(trained["loss"][model]["eval_loss"], rel=1e-6)
+    assert [(s["before"], s["after"]) for s in ours["samples"]] == [
+        (s["before"], s["after"]) for s in trained["samples"]
+    ]
+    assert cli.main([*eval_args(out), "--dtype", "float32", "--output", str(tmp_path / "fp32")]) == 0
+    assert "as the run trained" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "fp32" / "eval.json").read_text())["settings"]["dtype"] == "float32"
 
 
 def test_no_base_limit_and_data(run_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path) -> None:

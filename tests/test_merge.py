@@ -177,7 +177,7 @@ def test_qlora_adapter_merges_onto_full_precision_weights_in_bf16(
     (run / "run.json").write_text(json.dumps({"config": {"model": model}}))
     assert run_merge("--adapter", str(run), "--output", str(tmp_path / "out"), "--dtype", "bfloat16") == 0
     err = capsys.readouterr().err
-    assert "trained on a 4bit base; loading the original weights in full precision" in err
+    assert "trained on a 4bit base; loading the original weights unquantised" in err
     assert "merge parity (bfloat16" in err and "— ok" in err
     record = json.loads((tmp_path / "out/merge.json").read_text())
     assert record["base_trained_quantization"] == "4bit" and record["dtype"] == "bfloat16"
@@ -240,3 +240,21 @@ def test_bad_merge_requests_are_refused_before_any_work(
 def test_parse_size() -> None:
     assert merge.parse_size("2GB") == 2 * 10**9 and merge.parse_size("1.5GiB") == int(1.5 * 2**30)
     assert merge.parse_size("1000") == 1000
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_saves_in_the_dtype_the_run_trained_in_and_checks_parity_there(
+    tiny_phi3: Path, tmp_path: Path, dtype: str
+) -> None:
+    """Without --dtype the merged weights take the run's dtype (run.json); parity is then judged by that dtype's
+    rounding: 1e-4 of the logit scale in fp32, 5e-2 in bf16 (8 significant bits per weight)."""
+    run = tmp_path / "run"
+    random_adapter(tiny_phi3, run / "adapter")
+    model = {"name_or_path": str(tiny_phi3), "dtype": "auto"}
+    (run / "run.json").write_text(json.dumps({"config": {"model": model}, "model_dtype": dtype}))
+    assert run_merge("--adapter", str(run), "--output", str(tmp_path / "out")) == 0
+    record = json.loads((tmp_path / "out" / "merge.json").read_text())
+    assert record["dtype"] == dtype and record["passed"]
+    assert record["parity"]["tolerance"] == merge.TOLERANCE[dtype]
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}

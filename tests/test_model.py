@@ -22,6 +22,29 @@ def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch: pytest.MonkeyPatc
     assert hardware.resolve_dtype("float16", cpu) == torch.float16
 
 
+def test_the_bf16_switch_overrides_the_cpu_detection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_phi3: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from philora import cli
+
+    cpu = torch.device("cpu")
+    for value, dtype in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("PHILORA_CPU_BF16", value)
+        assert hardware.resolve_dtype("auto", cpu) == dtype
+        assert hardware.resolve_dtype("float32", cpu) == torch.float32  # a named dtype is never overridden
+    monkeypatch.delenv("PHILORA_CPU_BF16")
+    assert hardware.cpu_has_fast_bf16() == hardware.cpu_detects_bf16()
+    monkeypatch.setenv("PHILORA_CPU_BF16", "yes")
+    with pytest.raises(UserError, match=r"PHILORA_CPU_BF16='yes': use 1 .* or 0"):
+        hardware.resolve_dtype("auto", cpu)
+    out = tmp_path / "o"
+    code = cli.main(["train", "--output", str(out), "--set", f"model.name_or_path={tiny_phi3}", "--set",
+                     "training_config.max_steps=1", "--set", "data.max_eval_samples=2"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "philora: error: $PHILORA_CPU_BF16='yes'" in err and "Traceback" not in err
+
+
 def test_use_cache_off_for_training_on_for_generation(tiny_phi3: Path) -> None:
     section = ModelSection(name_or_path=str(tiny_phi3), dtype="bfloat16", attn_implementation="eager")
     model = load_model(section, training=True)

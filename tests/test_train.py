@@ -201,9 +201,16 @@ def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, 
     assert losses and all(0 < loss < 20 for loss in losses)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
-    """kill -9 a real run at a random step, leave a half-written checkpoint and a torn log line behind as a kill
-    inside a write would, resume: the same adapter bytes and the same losses as a run never interrupted."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_sigkill_is_exact(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str
+) -> None:
+    """kill -9 a real run at a seeded random step, leave a half-written checkpoint and a torn log line behind as a
+    kill inside a write would, resume: the same adapter bytes and the same losses as a run never interrupted. In
+    bf16 (the weights' dtype on GPUs and AMX CPUs) as in fp32: no tolerance, the bytes are equal.
+
+    Each run is its own process, as a user's runs are: a run inside this long-lived pytest process computes in
+    whatever state earlier tests left it (run.json records the thread count each run had)."""
     import os
     import random
     import signal
@@ -212,13 +219,14 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_phi3: Path, tiny_dat
     import time
 
     path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=8, save_steps=1)
-    whole = train(load_config(str(path), [f"training_config.output_dir={tmp_path / 'whole'}"])).output_dir
-    cut = tmp_path / "cut"
-    stop_at = random.Random().randint(2, 6)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "philora", "train", "--config", str(path), "--output", str(cut)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "philora", "train", "--config", str(path), "--set", f"model.dtype={dtype}"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = subprocess.run([*command, "--output", str(whole)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seed = random.randrange(1 << 30)
+    stop_at = random.Random(seed).randint(2, 6)
+    print(f"kill -9 after checkpoint step-{stop_at} (seed {seed})")
+    run = subprocess.Popen([*command, "--output", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (cut / "checkpoints" / f"step-{stop_at}").exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.001)
@@ -233,9 +241,12 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_phi3: Path, tiny_dat
     (partial / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with (cut / "metrics.jsonl").open("a") as f:
         f.write('{"step": 99, "loss": 1.2')  # a line cut in the middle
-    assert cli.main(["train", "--config", str(path), "--output", str(cut), "--resume"]) == 0
+    done = subprocess.run([*command, "--output", str(cut), "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((d / "run.json").read_text()) for d in (whole, cut)]
+    assert records[0]["model_dtype"] == records[1]["model_dtype"] == dtype
     adapter = "adapter/adapter_model.safetensors"
-    assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes()
+    assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes(), [r["torch_threads"] for r in records]
     losses = [r.get("loss") for r in read_jsonl(whole / "metrics.jsonl")]
     assert losses == [r.get("loss") for r in read_jsonl(cut / "metrics.jsonl")]
 

@@ -4,6 +4,12 @@ A batch carries `position_ids` that restart at 0 for every sample and no attenti
 restarting position ids as packed sequences and builds a block-diagonal causal mask (sdpa/eager) or varlen
 calls (flash-attention), so no token attends across samples. Padding is one more "sample" of pad tokens with
 its own positions and no labels, so a padded batch needs no attention mask either.
+
+Long-context Phi-3 models (longrope: Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini) scale RoPE with one of two factor
+sets, chosen per forward pass from the largest position id: past `original_max_position_embeddings` every sample
+in the batch gets the long factors. A short sample that shares a batch with a long one would be trained on
+factors it never sees at inference, so samples longer than that boundary (`long_after`) are packed and batched
+apart from the others, and padding never reaches a position the batch's samples do not have.
 """
 
 from __future__ import annotations
@@ -19,9 +25,25 @@ from philora.data.render import IGNORE, Sample
 Row = list[int]  # indices of the samples packed into one row
 
 
-def pack(lengths: Sequence[int], max_length: int) -> list[Row]:
-    """Best-fit decreasing: each sample, longest first, goes into the fullest row it still fits in."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def pack(lengths: Sequence[int], max_length: int, long_after: int | None = None) -> list[Row]:
+    """Best-fit decreasing: each sample, longest first, goes into the fullest row it still fits in. With
+    `long_after`, samples longer than it share rows only with each other."""
+    if long_after is not None:
+        return [row for group in length_groups(lengths, long_after) for row in pack_some(lengths, group, max_length)]
+    return pack_some(lengths, range(len(lengths)), max_length)
+
+
+def length_groups(lengths: Sequence[int], long_after: int | None) -> list[list[int]]:
+    """Sample indices up to `long_after` tokens, then those past it (non-empty groups only)."""
+    if long_after is None:
+        return [list(range(len(lengths)))]
+    short = [i for i, n in enumerate(lengths) if n <= long_after]
+    long = [i for i, n in enumerate(lengths) if n > long_after]
+    return [g for g in (short, long) if g]
+
+
+def pack_some(lengths: Sequence[int], indices: Sequence[int], max_length: int) -> list[Row]:
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
     rows: list[Row] = []
     free: list[tuple[int, int]] = []  # (space left, row index), kept sorted
     for i in order:
@@ -42,8 +64,10 @@ def one_per_row(n: int) -> list[Row]:
 
 
 def collate(samples: Sequence[Sample], rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for a batch of rows, right-padded to the longest row."""
+    """Tensors for a batch of rows, right-padded to the longest row. Padding positions count up to the longest
+    sample's length and restart, so the batch's largest position is a real sample's (see longrope above)."""
     width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
+    longest = max(len(samples[i].input_ids) for row in rows for i in row)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
     positions = np.empty((len(rows), width), dtype=np.int64)
@@ -55,7 +79,7 @@ def collate(samples: Sequence[Sample], rows: Sequence[Row], pad_id: int) -> dict
             labels[r, at : at + n] = samples[i].labels
             positions[r, at : at + n] = np.arange(n)
             at += n
-        positions[r, at:] = np.arange(width - at)
+        positions[r, at:] = np.arange(width - at) % longest
     return {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
