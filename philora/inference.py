@@ -108,19 +108,20 @@ def base_section(adapters: list[Adapter], model: str | None, dtype: str | None =
 def load(adapters: list[Adapter], model: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) ready for generation: the base with every adapter loaded by name, the first active.
     With no adapters the plain base model is returned."""
-    from philora.model import load_model, load_tokenizer
+    from philora.model import load_model, load_tokenizer, without_bitsandbytes
 
     section = base_section(adapters, model, dtype)
     tokenizer = load_tokenizer(section)
-    base = load_model(section, training=False)
-    if not adapters:
-        base.eval()
-        return base, tokenizer
-    from peft import PeftModel
+    with without_bitsandbytes():  # the base is never quantised here
+        base = load_model(section, training=False)
+        if not adapters:
+            base.eval()
+            return base, tokenizer
+        from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(base, str(adapters[0].path), adapter_name=adapters[0].name)
-    for a in adapters[1:]:
-        peft_model.load_adapter(str(a.path), adapter_name=a.name)
+        peft_model = PeftModel.from_pretrained(base, str(adapters[0].path), adapter_name=adapters[0].name)
+        for a in adapters[1:]:
+            peft_model.load_adapter(str(a.path), adapter_name=a.name)
     peft_model.set_adapter(adapters[0].name)
     peft_model.eval()
     return peft_model, tokenizer

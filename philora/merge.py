@@ -31,6 +31,7 @@ import torch
 from philora.errors import UserError
 from philora.hardware import DTYPES
 from philora.inference import Adapter, base_section, read_adapter
+from philora.model import without_bitsandbytes
 
 # Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
     section = replace(base_section([adapter], args.model, "float32"), attn_implementation="sdpa")
     started = time.time()
-    report = merge(adapter, section, output, args.dtype or adapter.dtype or "auto", max_shard_size)
+    with without_bitsandbytes():  # the base is never quantised here
+        report = merge(adapter, section, output, args.dtype or adapter.dtype or "auto", max_shard_size)
     report["seconds"] = round(time.time() - started, 1)
     (output / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
     parity = Parity(**report["parity"])

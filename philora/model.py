@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,27 @@ def longrope_boundary(config: Any) -> int | None:
     if rope.get("rope_type", rope.get("type")) != "longrope":
         return None
     return rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+
+
+@contextlib.contextmanager
+def without_bitsandbytes(hide: bool = True) -> Iterator[None]:
+    """Keep bitsandbytes unimported while an unquantised model is loaded, wrapped and trained.
+
+    peft imports bitsandbytes whenever it is installed (`import peft` does), and on CPUs with AVX512-BF16 that
+    import logs a warning about a kernel it cannot fetch: noise, and a second of start-up, for a run that quantises
+    nothing. While hidden, `import bitsandbytes` fails as if it were not installed; afterwards peft's cached "is it
+    installed?" answers are cleared, so a quantised load later in the same process finds it again.
+    """
+    if not hide or sys.modules.get("bitsandbytes") is not None:  # imported already: nothing left to spare
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.modules.pop("bitsandbytes", None)
+        import_utils = sys.modules.get("peft.import_utils")
+        for name in ("is_bnb_available", "is_bnb_4bit_available"):
+            cached = getattr(import_utils, name, None)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()

@@ -57,6 +57,7 @@ def write_run_record(
         "model_dtype": hardware.dtype_name(next(model.parameters()).dtype),
         "mixed_precision": mixed_precision,
         "torch_threads": torch.get_num_threads(),
+        "peak_memory_mb": peak_memory_mb(),
         "parameters": {"trainable": trainable, "total": total},
         "steps": state["step"],
         "tokens": state["tokens"],
@@ -72,3 +73,12 @@ def write_run_record(
         else None,
     }
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far: the GPU's allocated peak on CUDA, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports kilobytes

@@ -19,11 +19,12 @@ from philora import checkpoint, data, evaluate, hardware
 from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
 from philora.data.batching import collate
+from philora.distributed import backward_kwargs, configure, gathered_adapter, grad_norm, sharded
 from philora.errors import UserError
 from philora.logs import MetricsLog, plot_losses, reporters
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
 from philora.loss import TokenLoss
-from philora.model import load_model, load_tokenizer, longrope_boundary
+from philora.model import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
 from philora.plan import Plan, make_plan
 from philora.report import write_run_record
 
@@ -130,6 +131,11 @@ def make_optimizer(model: Any, tc: TrainingSection, total_steps: int) -> tuple[A
 
 def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     """Run a whole training job per `config`: data, model, LoRA, the loop, then adapter and records."""
+    with without_bitsandbytes(config.model.quantization is None):
+        return run_training(config, resume)
+
+
+def run_training(config: Config, resume: str | bool | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -170,6 +176,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     plan = make_plan(prepared.train.samples, tc, config.data.max_length, config.data.packing,
                      accelerator.num_processes, accelerator.process_index, longrope_boundary(model.config))  # fmt: skip
     optimizer, scheduler = make_optimizer(model, tc, plan.total_steps)
+    configure(accelerator.state, tc)
     loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     if resume_from is not None and sharded(accelerator):
         raise UserError(
@@ -236,21 +243,6 @@ def warn_if_threads_differ(saved: int | None) -> None:
         )
 
 
-def sharded(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def gathered_adapter(accelerator: Any, loss_fn: Any) -> dict[str, torch.Tensor] | None:
-    """Under FSDP or DeepSpeed each process holds a shard of the weights: all of them take part in gathering the
-    whole state dict, which the main process saves. None elsewhere: save_pretrained reads the model itself."""
-    if not sharded(accelerator):
-        return None
-    full = accelerator.get_state_dict(loss_fn)  # TokenLoss's: the model under "model.", plus aliases of it
-    return {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-
-
 def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
     """For initialisations that rewrite the base weights (PiSSA, OLoRA), the adapter as initialised, which peft
     needs to convert the trained one back onto the original base; None for the others."""
@@ -288,22 +280,23 @@ def optimizer_step(loss_fn: Any, batches: list[tuple[Batch, bool]], trained: int
     scale = accelerator.num_processes / max(trained, 1)
     total = torch.zeros((), device=accelerator.device)
     for i, (batch, counts) in enumerate(batches):
-        # Gradients are synchronised once per step, after the last micro-batch, not after each one.
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(loss_fn)
-        with sync:
+        # Gradients are synchronised once per step, after the last micro-batch, not after each one (DDP and FSDP
+        # read no_sync; DeepSpeed's engine reads sync_gradients as its accumulation boundary).
+        last = i == len(batches) - 1
+        accelerator.sync_gradients = last
+        with contextlib.nullcontext() if last else accelerator.no_sync(loss_fn):
             loss_sum, _ = loss_fn(**{k: v.to(accelerator.device) for k, v in batch.items()})
             loss_sum = loss_sum if counts else loss_sum * 0.0
-            accelerator.backward(loss_sum * scale)
+            accelerator.backward(loss_sum * scale, **backward_kwargs(accelerator))
         total += loss_sum.detach()
     loss = float(accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total)
-    grad_norm = None
+    norm = None
     if math.isfinite(loss):
-        if tc.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(loss_fn.parameters(), tc.max_grad_norm))
-        optimizer.step()
+        norm = grad_norm(accelerator, loss_fn, tc.max_grad_norm)
+        optimizer.step()  # under DeepSpeed the engine stepped already (see philora.distributed)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss, norm
 
 
 def loop(

@@ -44,3 +44,18 @@ def test_the_bench_tokenizer_has_phi3_ids_and_template() -> None:
     # Phi-3's template ends a conversation with <|endoftext|> after the last <|end|>.
     assert list(sample.input_ids) == [32010, 5, 6, 32007, 32001, 7, 8, 32007, 32000]
     assert [int(t) for t in sample.labels if t >= 0] == [7, 8, 32007, 32000]
+
+
+def test_scaleout_bench_compares_an_engine_with_one_process(tmp_path: Path) -> None:
+    """bench/scaleout.py is the prepared GPU check of FSDP and ZeRO; its code path runs here with DDP on 2 CPU
+    processes, which must follow the one-process reference closely (bf16 weights: half-size batches round
+    differently, so not bit for bit)."""
+    out = tmp_path / "scaleout.json"
+    command = [sys.executable, str(BENCH / "scaleout.py"), "--tiny", "--engines", "ddp", "--gpus", "2", "--steps", "2",
+               "--length", "256", "--rows", "24", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["results"]["ddp"]
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert result["loss_rel"] < 1e-2 and result["peak_memory_mb"] > 0
+    assert "ddp" in done.stdout and "loss rel" in done.stdout

@@ -3,11 +3,13 @@ batch, step for step, to fp32 rounding."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import read_jsonl, write_yaml
@@ -94,3 +96,119 @@ def test_each_process_takes_every_world_th_row_and_a_short_batch_lends_one() -> 
             assert shares == [global_rows[0::2], global_rows[1::2]] and owned == [True, True]
         else:  # the epoch's fifth row alone: process 1 runs it too, for step-lock, and it counts nowhere
             assert len(global_rows) == 1 and shares == [global_rows, global_rows] and owned == [True, False]
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "philora" / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize("name", ["deepspeed-zero2", "deepspeed-zero3"])
+def test_deepspeed_gets_the_loops_batch_accumulation_and_clipping(name: str) -> None:
+    """accelerate cannot resolve DeepSpeed's `auto` batch sizes without a DataLoader, which philora does not give
+    it: philora fills them, and its accumulation and clipping, into the plugin the shipped config builds."""
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    from philora.config import TrainingSection
+    from philora.distributed import configure
+
+    settings = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())["deepspeed_config"]
+    plugin = DeepSpeedPlugin(**settings)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"  # what accelerate leaves open
+    state = SimpleNamespace(deepspeed_plugin=plugin, num_processes=8)
+    tc = TrainingSection(per_device_train_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    configure(state, tc)
+    ds = plugin.deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 3 * 4 * 8 and ds["gradient_clipping"] == 0.5
+    assert not any(plugin.is_auto(k) for k in ("train_micro_batch_size_per_gpu", "train_batch_size"))
+    assert ds["zero_optimization"]["stage"] == settings["zero_stage"]
+    configure(state, TrainingSection(max_grad_norm=0.0))
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.0  # max_grad_norm 0: no clipping, as in the loop
+
+
+def test_fsdp_keeps_original_parameters_for_lora() -> None:
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from philora.config import TrainingSection
+    from philora.distributed import configure
+
+    settings = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=settings["fsdp_version"],
+        auto_wrap_policy=settings["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=[settings["fsdp_transformer_layer_cls_to_wrap"]],
+        activation_checkpointing=True,  # as a user's config might say: philora checkpoints layers itself
+    )
+    configure(SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=plugin, num_processes=2), TrainingSection())
+    assert plugin.use_orig_params is True and plugin.activation_checkpointing is False
+
+
+def test_two_processes_accumulating_and_clipping_match_one_process(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    """philora's own accumulation (2 micro-batches a step, gradients synchronised once) and clipping (active: the
+    norms are above max_grad_norm) across 2 processes equal one process with the same global batch."""
+    config = write_yaml(
+        tmp_path / "acc.yaml",
+        f"""
+model: {{name_or_path: {tiny_phi3}, dtype: float32}}
+data: {{train: {tiny_data[0]}, max_length: 256}}
+peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
+training_config: {{max_steps: 3, per_device_train_batch_size: 2, gradient_accumulation_steps: 2, learning_rate: 0.01,
+                   max_grad_norm: 0.05, logging_steps: 1, save_steps: 100, seed: 7}}
+""",
+    )
+    bin_dir = Path(sys.executable).parent
+    run([str(bin_dir / "philora"), "train", "--config", str(config), "--output", "one", "--set",
+         "training_config.per_device_train_batch_size=4"], tmp_path)  # fmt: skip
+    run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
+         "--output", "two"], tmp_path)  # fmt: skip
+    one, two = read_jsonl(tmp_path / "one/metrics.jsonl"), read_jsonl(tmp_path / "two/metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert a["tokens"] == b["tokens"] and a["grad_norm"] > 0.05
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+    first, second = (load_file(tmp_path / f"{d}/adapter/adapter_model.safetensors") for d in ("one", "two"))
+    for name in first:
+        assert (first[name] - second[name]).abs().max() <= 1e-6, name
+
+
+def test_deepspeed_steps_once_per_accumulated_step() -> None:
+    """Under DeepSpeed, accelerate's backward makes every micro-batch an accumulation boundary (and steps the
+    engine) while `sync_gradients` is true. The loop must raise it on the last micro-batch of a step only, and keep
+    the engine from scaling the loss by the accumulation steps again. Checked against a recording accelerator:
+    DeepSpeed's engine does not run on a CPU under accelerate (it demotes a CPU process to plain DDP)."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from philora.config import TrainingSection
+    from philora.train import optimizer_step
+
+    calls: list[tuple[bool, dict]] = []
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    class Recorder(SimpleNamespace):
+        def backward(self, loss: torch.Tensor, **kwargs: object) -> None:
+            calls.append((self.sync_gradients, kwargs))
+            loss.backward()
+
+    engine = SimpleNamespace(get_global_grad_norm=lambda: 0.5)
+    accelerator = Recorder(
+        num_processes=1, device=torch.device("cpu"), distributed_type=DistributedType.DEEPSPEED, sync_gradients=True,
+        no_sync=lambda model: contextlib.nullcontext(), deepspeed_engine_wrapped=SimpleNamespace(engine=engine),
+    )  # fmt: skip
+
+    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (weight * x).sum(), torch.tensor(3)
+
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batches = [({"x": torch.full((3,), float(i))}, True) for i in range(1, 4)]
+    loss, norm = optimizer_step(loss_fn, batches, 9, accelerator, TrainingSection(max_grad_norm=1.0), optimizer,
+                                scheduler)  # fmt: skip
+    assert [sync for sync, _ in calls] == [False, False, True]
+    assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
+    assert loss == 18.0 and norm == 0.5  # the summed loss; the norm the engine measured before its clipping

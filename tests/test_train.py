@@ -324,3 +324,31 @@ def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
         losses.append([r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r])
     # Recomputation replays the same dropout masks (the RNG state is restored), so nothing changes but memory.
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
+
+
+def test_a_run_that_does_not_quantize_never_imports_bitsandbytes(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    """peft imports bitsandbytes whenever it is installed, and on AVX512-BF16 CPUs that import logs a warning about
+    a kernel it cannot fetch. A plain LoRA run (and eval of it) keeps it out; a QLoRA run after it in the same
+    process still finds it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, max_steps=2, eval_strategy="no", predict_with_generate=False)
+    script = f"""
+import sys
+from philora import cli
+assert cli.main(["train", "--config", {str(path)!r}, "--output", {str(tmp_path / "plain")!r}]) == 0
+assert cli.main(["eval", "--adapter", {str(tmp_path / "plain")!r}, "--data", {str(tiny_data[1])!r},
+                 "--max-new-tokens", "2", "--no-base"]) == 0
+print("plain run imported bitsandbytes:", "bitsandbytes" in sys.modules)
+assert cli.main(["train", "--config", {str(path)!r}, "--output", {str(tmp_path / "q")!r},
+                 "--set", "model.quantization=4bit", "--set", "model.dtype=bfloat16"]) == 0
+print("4-bit run imported bitsandbytes:", "bitsandbytes" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plain run imported bitsandbytes: False" in done.stdout
+    assert "4-bit run imported bitsandbytes: True" in done.stdout
