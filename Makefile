@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint format clean bench-data bench-train
+.PHONY: setup demo test test-fast lint format clean bench-data bench-train
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10
+
+# Everything but the end-to-end runs (the embedded model, several processes, benchmarks): the edit-test loop.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5
 
 bench-data: setup
 	$(BIN)/python bench/data_prep.py

@@ -106,8 +106,8 @@ def main() -> None:
 
     from philora.config import ModelSection
     from philora.data.encode import worker_count
-    from philora.embedded import embedded_model_dir
-    from philora.model import load_tokenizer
+    from philora.model.embedded import embedded_model_dir
+    from philora.model.load import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -62,7 +62,7 @@ def rate(marks: list[tuple[float, int]]) -> float:
 
 def run_philora(run: Run, out: Path) -> dict:
     from philora.config import load_config
-    from philora.train import train
+    from philora.train.run import train
 
     settings = {
         "model.dtype": run.dtype,
@@ -110,8 +110,8 @@ def run_trl(run: Run, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from philora.embedded import embedded_model_dir
-    from philora.model import ensure_safe_pad
+    from philora.model.embedded import embedded_model_dir
+    from philora.model.load import ensure_safe_pad
 
     datasets.disable_progress_bars()
     model_dir = run.model_dir or str(embedded_model_dir())

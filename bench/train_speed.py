@@ -36,7 +36,7 @@ def main() -> None:
 
     from data_prep import generate
 
-    from philora.embedded import embedded_model_dir
+    from philora.model.embedded import embedded_model_dir
 
     embedded_model_dir()  # converted once, before either side is timed
     results: dict[str, dict] = {}

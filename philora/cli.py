@@ -123,11 +123,11 @@ def _after_training_commands(sub: Any) -> None:
 
 # Commands that take no config file: each module's main(args) returns the exit status.
 AFTER_TRAINING = {
-    "eval": "philora.eval_command",
-    "merge": "philora.merge",
-    "export": "philora.export",
-    "chat": "philora.chat",
-    "serve": "philora.serve",
+    "eval": "philora.eval.command",
+    "merge": "philora.export.merge",
+    "export": "philora.export.command",
+    "chat": "philora.infer.chat",
+    "serve": "philora.infer.serve",
 }
 
 
@@ -147,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         from philora.data.check import check
+        from philora.model.load import load_tokenizer
 
-        return check(config, args.file, as_json=args.json)
-    from philora.train import train
+        return check(config, args.file, load_tokenizer(config.model), as_json=args.json)
+    from philora.train.run import train
 
     train(config, resume=args.resume)
     return 0

@@ -22,13 +22,24 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir(cache_dir: Path) -> Path:
-    from philora import embedded
+    from philora.model import embedded
 
     return embedded.embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
-def tiny_phi3(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def embedded_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model's tokenizer and chat template alone, read from its GGUF: tiny fixtures borrow it
+    without paying for the model's conversion."""
+    from philora.model import embedded
+
+    path = tmp_path_factory.mktemp("embedded-tokenizer")
+    embedded.gguf_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Phi-3 (GQA 4/2 heads) with the embedded model's tokenizer and chat template."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
@@ -48,7 +59,7 @@ def tiny_phi3(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     )
     torch.manual_seed(0)
     Phi3ForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_tokenizer).save_pretrained(path)
     return path
 
 
@@ -72,13 +83,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def phi3_style(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def phi3_style(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer random Phi-3 whose tokenizer has Phi-3's chat tokens (<|system|> <|user|> <|assistant|> <|end|>,
     right-stripping like Phi-3's), eos = pad = <|endoftext|> and an <unk>, and no chat template of its own."""
     from transformers import AddedToken, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     path = tmp_path_factory.mktemp("phi3-style")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer)
     chat_tokens = [AddedToken(t, rstrip=True, special=True, normalized=False) for t in PHI3_CHAT_TOKENS]
     tokenizer.add_special_tokens(
         {
@@ -99,3 +110,37 @@ def phi3_style(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 PHI3_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def tiny_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], **training: object) -> Path:
+    settings = {
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.01,
+        "logging_steps": 2,
+        "save_steps": 3,
+        "eval_strategy": "steps",
+        "eval_steps": 3,
+        "predict_with_generate": True,
+        "generation_max_length": 8,
+        "seed": 7,
+        **training,
+    }
+    lines = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
+    return write_yaml(
+        tmp_path / "tiny.yaml",
+        f"""
+model: {{name_or_path: {tiny_phi3}, dtype: float32}}
+data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 512}}
+peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.1}}
+training_config:
+{lines}
+""",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the real embedded model (its conversion alone takes ~40 s) belong to the slow tier."""
+    for item in items:
+        if "embedded_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

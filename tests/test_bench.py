@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs a benchmark script end to end
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from philora import cli
-from philora.chat import Session, repl
-from philora.generation import Detokenizer, Row, Settings, StopText, complete, generate, prompt_ids
+from philora.infer.chat import Session, repl
+from philora.infer.generation import Detokenizer, Row, Settings, StopText, complete, generate, prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hi", "What is the capital of France?", "Tell me a long story about a dragon " * 3, "2+2?"]
@@ -30,7 +30,7 @@ def lora(tiny_phi3: Path) -> tuple[Any, Any]:
 
     from philora.config import ModelSection
     from philora.data.render import ChatEncoder
-    from philora.model import load_tokenizer
+    from philora.model.load import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     torch.manual_seed(3)
@@ -44,7 +44,7 @@ def chat(content: str) -> list[dict[str, str]]:
 
 
 def test_greedy_answers_are_transformers_own_alone_and_batched(lora: tuple[Any, Any]) -> None:
-    from philora.evaluate import generate as hf_generate  # model.generate, batched greedy
+    from philora.eval.runner import generate as hf_generate
 
     model, encoder = lora
     reference = hf_generate(model, encoder, [chat(p) for p in PROMPTS], max_new_tokens=10, batch_size=1)

@@ -9,7 +9,8 @@ import pytest
 from conftest import write_yaml
 
 from philora import cli
-from philora.config import PACKAGED_CONFIGS, SECTIONS, dump_documented, load_config
+from philora.config import PACKAGED_CONFIGS, dump_documented, load_config
+from philora.config.fields import SECTIONS
 from philora.errors import UserError
 
 # The training_config / peft_config dicts of the Phi-3 model card's sample_finetune.py, pasted as YAML.

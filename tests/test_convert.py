@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from philora import lora
-from philora.embedded import phi3_config_from_llama, phi3_state_dict_from_llama
 from philora.errors import UserError
 from philora.lora.convert import (
     convert_adapter,
-    fused_sizes,
     fused_to_split,
     loralib_to_peft,
     peft_to_loralib,
     split_to_fused,
 )
+from philora.model.embedded import phi3_config_from_llama, phi3_state_dict_from_llama
+from philora.model.layout import part_rows
 
 UNFUSED = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,9 +100,9 @@ def test_an_ordinary_fused_adapter_splits_with_the_same_logits(llama_and_phi3, t
 
 def test_dora_adapters_are_not_split(llama_and_phi3) -> None:
     with pytest.raises(UserError, match="DoRA"):
-        split_to_fused({}, {"use_dora": True}, fused_sizes(llama_and_phi3[0].config))
+        split_to_fused({}, {"use_dora": True}, part_rows(llama_and_phi3[0].config))
     with pytest.raises(UserError, match="DoRA"):
-        fused_to_split({}, {"use_dora": True}, fused_sizes(llama_and_phi3[0].config))
+        fused_to_split({}, {"use_dora": True}, part_rows(llama_and_phi3[0].config))
 
 
 def test_loralib_state_dict_becomes_peft_tensors_with_the_same_update() -> None:

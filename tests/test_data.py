@@ -16,8 +16,8 @@ from philora.data import report as data_report
 from philora.data.batching import collate, one_per_row, pack
 from philora.data.render import IGNORE, ChatEncoder
 from philora.errors import UserError
-from philora.loss import TokenLoss
-from philora.model import load_model, load_tokenizer
+from philora.model.load import load_model, load_tokenizer
+from philora.model.loss import TokenLoss
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -159,7 +159,7 @@ def test_sample_dataset_is_generated_varied_and_held_out(tokenizer) -> None:
 
 
 def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    from philora import loss
+    from philora.model import loss
 
     monkeypatch.setattr(loss, "CHUNK", 96)  # several chunks and a short last one
     torch.manual_seed(0)
@@ -203,9 +203,9 @@ def random_sample(length: int, seed: int) -> data.Sample:
 
 def test_longrope_short_samples_never_share_a_batch_with_long_ones() -> None:
     from philora.config import TrainingSection
-    from philora.evaluate import eval_loss
-    from philora.model import longrope_boundary
-    from philora.plan import make_plan
+    from philora.eval.runner import eval_loss
+    from philora.model.load import longrope_boundary
+    from philora.train.plan import make_plan
 
     model = longrope_phi3(boundary=32)
     assert longrope_boundary(model.config) == 32

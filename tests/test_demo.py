@@ -11,7 +11,7 @@ import torch
 
 from philora import cli, hardware
 from philora.config import load_config
-from philora.train import train
+from philora.train.run import train
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ def run(args: list[str], cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_two_processes_match_one_with_the_same_global_batch(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str
@@ -81,7 +82,7 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
 
 
 def test_each_process_takes_every_world_th_row_and_a_short_batch_lends_one() -> None:
-    from philora.plan import Plan
+    from philora.train.plan import Plan
 
     rows = [[i] for i in range(5)]
     plans = [Plan(rows, batch_size=2, accumulation=1, total_steps=2, seed=0, world=2, rank=r) for r in (0, 1)]
@@ -109,7 +110,7 @@ def test_deepspeed_gets_the_loops_batch_accumulation_and_clipping(name: str) -> 
     from accelerate.utils import DeepSpeedPlugin
 
     from philora.config import TrainingSection
-    from philora.distributed import configure
+    from philora.train.distributed import configure
 
     settings = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())["deepspeed_config"]
     plugin = DeepSpeedPlugin(**settings)
@@ -131,7 +132,7 @@ def test_fsdp_keeps_original_parameters_for_lora() -> None:
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from philora.config import TrainingSection
-    from philora.distributed import configure
+    from philora.train.distributed import configure
 
     settings = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]
     plugin = FullyShardedDataParallelPlugin(
@@ -144,6 +145,7 @@ def test_fsdp_keeps_original_parameters_for_lora() -> None:
     assert plugin.use_orig_params is True and plugin.activation_checkpointing is False
 
 
+@pytest.mark.slow
 def test_two_processes_accumulating_and_clipping_match_one_process(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
 ) -> None:
@@ -185,7 +187,7 @@ def test_deepspeed_steps_once_per_accumulated_step() -> None:
     from accelerate.utils import DistributedType
 
     from philora.config import TrainingSection
-    from philora.train import optimizer_step
+    from philora.train.run import optimizer_step
 
     calls: list[tuple[bool, dict]] = []
     weight = torch.nn.Parameter(torch.ones(3))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from philora import embedded
 from philora.errors import UserError
+from philora.model import embedded
 
 
 def test_relaid_phi3_logits_are_bit_identical_to_gguf_llama(embedded_dir: Path) -> None:

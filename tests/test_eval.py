@@ -14,10 +14,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
-from test_train import tiny_config
+from conftest import read_jsonl, tiny_config
 
-from philora import cli, evaluate, html_report
+from philora import cli
+from philora.eval import metrics, report, table
 
 HOSTILE = '</pre><script>document.title="pwned"</script><img src=x onerror="document.title=\'pwned\'"> & "q"'
 
@@ -35,19 +35,19 @@ def test_exact_match_rouge_l_and_json_scores() -> None:
         '{"x": "z"}',  # valid JSON, wrong value
         "not json at all",
     ]
-    result = evaluate.score(preds, refs)
+    result = metrics.score(preds, refs)
     assert result["exact_match"] == 0.25
     assert result["json_valid"] == 0.75 and result["json_match"] == 0.5
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     library = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
     assert result["rouge_l"] == pytest.approx(sum(library) / 4)
     # by hand: tokens are lower-cased ASCII words; LCS "the cat on mat" = 4 of 6 each way; "name ann" of "name ann lee"
-    assert evaluate.rouge_l(["the cat lay on a mat"], ["The cat sat on the mat"]) == pytest.approx(2 / 3)
-    assert evaluate.rouge_l(['{"name": "Ann"}'], ['{"name": "Ann Lee"}']) == pytest.approx(0.8)
-    assert evaluate.rouge_l(["Hello there"], ["hello  THERE"]) == 1.0
+    assert metrics.rouge_l(["the cat lay on a mat"], ["The cat sat on the mat"]) == pytest.approx(2 / 3)
+    assert metrics.rouge_l(['{"name": "Ann"}'], ['{"name": "Ann Lee"}']) == pytest.approx(0.8)
+    assert metrics.rouge_l(["Hello there"], ["hello  THERE"]) == 1.0
     # JSON metrics only when every reference is a JSON object or array
-    assert set(evaluate.score(["a", "{}"], ["plain text", "{}"])) == {"exact_match", "rouge_l"}
-    assert set(evaluate.score(["42"], ["42"])) == {"exact_match", "rouge_l"}
+    assert set(metrics.score(["a", "{}"], ["plain text", "{}"])) == {"exact_match", "rouge_l"}
+    assert set(metrics.score(["42"], ["42"])) == {"exact_match", "rouge_l"}
 
 
 def synthetic_evaluation(base: bool = True) -> dict:
@@ -60,20 +60,20 @@ def synthetic_evaluation(base: bool = True) -> dict:
     ]
     generations = {"before": ["Sure! Ann", "no"]} if base else {}
     generations["after"] = ['{"name": "Ann Lee"}', HOSTILE + " ```"]
-    evaluation = evaluate.compare(prompts, generations)
-    evaluation["loss"] = {"after": evaluate.loss_metrics(0.5)}
+    evaluation = metrics.compare(prompts, generations)
+    evaluation["loss"] = {"after": metrics.loss_metrics(0.5)}
     if base:
-        evaluation["loss"]["before"] = evaluate.loss_metrics(2.25)
+        evaluation["loss"]["before"] = metrics.loss_metrics(2.25)
     evaluation["settings"] = {"adapter": "out/adapter", "data": "eval.jsonl", "max_new_tokens": 8, "loss_samples": 2}
     return evaluation
 
 
 def test_metric_table_for_terminal_and_markdown() -> None:
     evaluation = synthetic_evaluation()
-    text = evaluate.format_comparison(evaluation)
-    table = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[1:6]]
-    assert table[0] == ["metric", "base", "fine-tuned", "Δ"]
-    rows = {cells[0]: cells[1:] for cells in table[1:]}
+    text = table.format_comparison(evaluation)
+    cells = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[1:6]]
+    assert cells[0] == ["metric", "base", "fine-tuned", "Δ"]
+    rows = {row[0]: row[1:] for row in cells[1:]}
     assert rows["eval loss"] == ["2.2500", "0.5000", "-1.7500"]
     assert rows["perplexity"] == ["9.49", "1.65", "-7.84"]  # e^2.25, e^0.5
     assert rows["exact match"] == ["0.0%", "50.0%", "+50.0 pts"]
@@ -82,13 +82,13 @@ def test_metric_table_for_terminal_and_markdown() -> None:
     assert text.splitlines()[6] == "  example prompt: 'Ann Lee'"
     assert "example prompt: 'Ann Lee'" in text and 'fine-tuned: \'{"name": "Ann Lee"}\'' in text
 
-    md = html_report.markdown(evaluation)
+    md = report.markdown(evaluation)
     assert "| metric | base | fine-tuned | Δ |" in md and "| exact match | 0.0% | 50.0% | +50.0 pts |" in md
     assert "````text\n" + HOSTILE + " ```\n````" in md  # a fence longer than any backtick run inside
 
-    alone = evaluate.format_comparison(synthetic_evaluation(base=False))
-    table = [re.split(r"\s{2,}", line.strip()) for line in alone.splitlines()[1:4]]
-    assert table == [["metric", "fine-tuned"], ["eval loss", "0.5000"], ["perplexity", "1.65"]]
+    alone = table.format_comparison(synthetic_evaluation(base=False))
+    cells = [re.split(r"\s{2,}", line.strip()) for line in alone.splitlines()[1:4]]
+    assert cells == [["metric", "fine-tuned"], ["eval loss", "0.5000"], ["perplexity", "1.65"]]
 
 
 # --- end to end on a tiny model ---------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_user_mistakes_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsy
             eval_args(run_dir, "--data", str(tmp_path / "missing.jsonl")),
             f"--data {tmp_path / 'missing.jsonl'}: no such",
         ),
-        (eval_args(run_dir, "--data", str(bad)), f"--data {bad}: 2 bad rows; fix them"),
+        (eval_args(run_dir, "--data", str(bad)), f"--data {bad}: 2 bad rows in all; fix them"),
         (eval_args(run_dir, "--limit", "0"), "--limit 0: must be at least 1"),
     ]
     for argv, message in cases:
@@ -302,7 +302,7 @@ def test_report_renders_in_chromium_with_its_numbers_plot_and_escaped_text(
         ("rouge_l", evaluation["before"]["rouge_l"], "score"),
     ):
         model = "after" if key in ("eval_loss", "exact_match") else "before"
-        assert dom.cells[(key, model)] == evaluate.format_value(kind, value), key
+        assert dom.cells[(key, model)] == table.format_value(kind, value), key
     delta = evaluation["loss"]["after"]["eval_loss"] - evaluation["loss"]["before"]["eval_loss"]
     assert dom.cells[("eval_loss", "delta")] == f"{delta:+.4f}"
     # the inline PNG decoded to the size its header declares (the script writes naturalWidth once it has loaded)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import PHI3_CHAT_TOKENS, SAMPLE
 
-from philora import cli, gguf_export, gguf_vocab
+from philora import cli
 from philora.errors import UserError
-from philora.modelfile import chat_shape
+from philora.export import gguf as gguf_export
+from philora.export import vocab as gguf_vocab
+from philora.export.ollama import chat_shape
 
 
 def read_metadata(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], int]]]:

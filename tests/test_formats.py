@@ -12,7 +12,7 @@ from philora import data
 from philora.config import DataSection, ModelSection
 from philora.data.render import IGNORE, ChatEncoder
 from philora.errors import UserError
-from philora.model import load_tokenizer
+from philora.model.load import load_tokenizer
 
 EXPECTED = [
     {"role": "system", "content": "Be brief."},

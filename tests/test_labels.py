@@ -9,7 +9,7 @@ import pytest
 from philora.config import ModelSection
 from philora.data.formats import Conversation, RowProblem
 from philora.data.render import IGNORE, PHI3_TEMPLATE, ChatEncoder, TemplateError
-from philora.model import load_tokenizer
+from philora.model.load import load_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Answer in one word."},

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from philora import cli, merge
+from philora import cli
+from philora.export import merge
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 

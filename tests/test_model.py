@@ -10,7 +10,7 @@ import torch
 from philora import hardware
 from philora.config import ModelSection
 from philora.errors import UserError
-from philora.model import load_model
+from philora.model.load import load_model
 
 
 def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from philora.data import cache
 from philora.data.encode import encode_all
 from philora.data.formats import Conversation
 from philora.data.render import IGNORE, ChatEncoder
-from philora.model import load_tokenizer
+from philora.model.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,8 @@ def server(adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def reference(adapters: dict[str, Path], tiny_phi3: Path) -> Any:
     """The library's own greedy answer for (model name, prompt, max tokens), computed in this process."""
     from philora.data.render import ChatEncoder
-    from philora.generation import Settings, complete
-    from philora.inference import load, read_adapter
+    from philora.infer.adapters import load, read_adapter
+    from philora.infer.generation import Settings, complete
 
     model, tokenizer = load([read_adapter(path, name) for name, path in adapters.items()], dtype="float32")
     encoder = ChatEncoder(tokenizer)

@@ -15,8 +15,8 @@ from philora.data.batching import collate
 from philora.data.render import ChatEncoder
 from philora.errors import UserError
 from philora.lora.targets import apply_lora, trainable_parameters
-from philora.loss import TokenLoss
-from philora.model import load_model, load_tokenizer
+from philora.model.load import load_model, load_tokenizer
+from philora.model.loss import TokenLoss
 
 # tiny Phi-3: hidden 32, 4 heads of 8 (q 32), 2 kv heads (k 16, v 16), intermediate 64, 2 layers; r = 4
 PRESET_COUNTS = {
@@ -112,7 +112,7 @@ def test_slice_specs_are_checked(tiny_phi3: Path) -> None:
 
 def tiny_run(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], name: str, peft: str):
     from philora.config import load_config
-    from philora.train import train
+    from philora.train.run import train
 
     path = write_yaml(
         tmp_path / f"{name}.yaml",
@@ -170,7 +170,7 @@ def test_pissa_adapter_is_converted_to_the_original_base(tmp_path: Path, tiny_ph
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_phi3)))
     batch = collate([ChatEncoder(tokenizer).encode(CHAT)], [[0]], tokenizer.pad_token_id)
     model = apply_lora(base(tiny_phi3), PeftSection(r=4, lora_alpha=4, lora_dropout=0.0, init_lora_weights="pissa"))
-    from philora.train import save_initial_adapter
+    from philora.train.run import save_initial_adapter
 
     initial = save_initial_adapter(model, tmp_path, PeftSection(init_lora_weights="pissa"))
     train_steps(model, batch, steps=2)

@@ -9,7 +9,7 @@ import pytest
 from philora.config import ModelSection, PeftSection
 from philora.errors import UserError
 from philora.lora.targets import apply_lora, resolve_targets
-from philora.model import load_model
+from philora.model.load import load_model
 
 PHI3_LINEAR = ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
 

@@ -7,39 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, write_yaml
+from conftest import read_jsonl, tiny_config
 from safetensors.torch import load_file
 
-from philora import checkpoint, cli
+from philora import cli
 from philora.config import load_config
-from philora.train import train
-
-
-def tiny_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], **training: object) -> Path:
-    settings = {
-        "max_steps": 6,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 0.01,
-        "logging_steps": 2,
-        "save_steps": 3,
-        "eval_strategy": "steps",
-        "eval_steps": 3,
-        "predict_with_generate": True,
-        "generation_max_length": 8,
-        "seed": 7,
-        **training,
-    }
-    lines = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
-    return write_yaml(
-        tmp_path / "tiny.yaml",
-        f"""
-model: {{name_or_path: {tiny_phi3}, dtype: float32}}
-data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 512}}
-peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.1}}
-training_config:
-{lines}
-""",
-    )
+from philora.train import checkpoint
+from philora.train.run import train
 
 
 def test_tiny_train_writes_a_complete_run(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
@@ -174,8 +148,8 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path, tiny_phi3: Path, tiny_data:
 
 
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
-    from philora.plan import Plan
-    from philora.train import due
+    from philora.train.plan import Plan
+    from philora.train.run import due
 
     plan = Plan(rows=[[i] for i in range(10)], batch_size=3, accumulation=2, total_steps=4, seed=5)
     assert plan.per_epoch == 4  # micro-batches of 3, 3, 3, 1
@@ -201,6 +175,7 @@ def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, 
     assert losses and all(0 < loss < 20 for loss in losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_after_sigkill_is_exact(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str
@@ -254,7 +229,7 @@ def test_resume_after_sigkill_is_exact(
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from philora import train as train_module
+    from philora.train import run as train_module
 
     path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, save_steps=2)
     real_step, calls = train_module.optimizer_step, []
@@ -308,7 +283,7 @@ def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from philora.config import TrainingSection
-    from philora.train import checkpoint_layers
+    from philora.train.run import checkpoint_layers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_phi3)
     checkpoint_layers(model, TrainingSection(gradient_checkpointing=True, gradient_checkpointing_layers=0.5))
@@ -326,6 +301,7 @@ def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_quantize_never_imports_bitsandbytes(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
 ) -> None:

@@ -15,10 +15,9 @@ from philora.data.encode import Outcome, encode_all
 from philora.data.formats import Columns, Conversation, RowProblem, check_columns, detect, to_conversation
 from philora.data.render import ChatEncoder, Sample
 from philora.data.sources import read_source
-from philora.errors import UserError
+from philora.errors import UserError, first_problems
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
-MAX_LISTED_PROBLEMS = 10
 
 
 @dataclass
@@ -153,8 +152,5 @@ def require_usable(prepared: PreparedData, dc: DataSection) -> None:
 
 def problem_lines(problems: list[str]) -> list[str]:
     """The first bad rows, then the total and the fix."""
-    listed = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(listed)
-    tail = f"{len(problems)} bad row{'s' if len(problems) != 1 else ''} in all"
-    tail += f" ({more} more not listed)" if more else ""
-    return [*listed, f"{tail}; fix them, or set data.on_bad_row: skip to train without them"]
+    listed, count = first_problems(problems)
+    return [*listed, f"{count}; fix them, or set data.on_bad_row: skip to train without them"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from philora.data.encode import FITS, Outcome
 from philora.data.render import IGNORE, Sample
-from philora.embedded import cache_root
+from philora.paths import cache_root
 
 VERSION = 1  # bump when the encoding of the same inputs changes
 

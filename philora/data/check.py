@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from philora.config import Config
 from philora.data import Split, load_source, problem_lines
 from philora.data.render import ChatEncoder
 from philora.data.report import highlight, segments, source_line, source_stats, split_lines, split_stats
-from philora.model import load_tokenizer
 
 
-def check(config: Config, spec: str, as_json: bool = False) -> int:
-    """Print the report; exit status 2 when any row is rejected, so scripts can gate on it."""
+def check(config: Config, spec: str, tokenizer: Any, as_json: bool = False) -> int:
+    """Print the report for `spec` encoded with `tokenizer` (the config's model's); exit status 2 when any row is
+    rejected, so scripts can gate on it."""
     dc = config.data
-    encoder = ChatEncoder(load_tokenizer(config.model))
+    encoder = ChatEncoder(tokenizer)
     source = load_source(spec, "train", dc, encoder)
     split = Split(source.records)
     stats = split_stats(split, dc.max_length)

@@ -16,22 +16,9 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
+from philora.model.layout import FUSED, FUSED_HOME, part_rows
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-SPLIT_HOME = {part: fused for fused, parts in FUSED.items() for part in parts}
 PREFIX = "base_model.model."
-
-
-def fused_sizes(config: Any) -> dict[str, dict[str, int]]:
-    """Output rows of each unfused projection inside its fused home, from a model config (GQA aware)."""
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or 0
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = (kv_heads or heads) * head_dim
-    inter = config.intermediate_size
-    return {
-        "qkv_proj": {"q_proj": heads * head_dim, "k_proj": kv, "v_proj": kv},
-        "gate_up_proj": {"gate_proj": inter, "up_proj": inter},
-    }
 
 
 def _scaling(alpha: float, r: int, rslora: bool) -> float:
@@ -82,8 +69,8 @@ def split_to_fused(
     groups: dict[str, dict[str, str]] = {}  # fused module path -> {unfused name: its module path}
     for path in layers:
         parent, _, name = path.rpartition(".")
-        if name in SPLIT_HOME:
-            groups.setdefault(f"{parent}.{SPLIT_HOME[name]}", {})[name] = path
+        if name in FUSED_HOME:
+            groups.setdefault(f"{parent}.{FUSED_HOME[name]}", {})[name] = path
         else:
             out.update({f"{path}.lora_{p}.weight": t for p, t in layers[path].items()})
     ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
@@ -119,7 +106,7 @@ def split_to_fused(
         for path in member_paths.values():
             ranks.pop(path.removeprefix(PREFIX), None)
             alphas.pop(path.removeprefix(PREFIX), None)
-    targets = {SPLIT_HOME.get(t, t) for t in _names(config["target_modules"])}
+    targets = {FUSED_HOME.get(t, t) for t in _names(config["target_modules"])}
     return out, {**config, "target_modules": sorted(targets), "rank_pattern": ranks, "alpha_pattern": alphas}
 
 
@@ -173,7 +160,7 @@ def convert_adapter(src: Path, dst: Path, to: str, model_config: Any) -> None:
     config = json.loads((src / "adapter_config.json").read_text())
     state = load_file(src / "adapter_model.safetensors")
     convert = split_to_fused if to == "fused" else fused_to_split
-    new_state, new_config = convert(state, config, fused_sizes(model_config))
+    new_state, new_config = convert(state, config, part_rows(model_config))
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in new_state.items()}, dst / "adapter_model.safetensors")
     (dst / "adapter_config.json").write_text(json.dumps(new_config, indent=2) + "\n")

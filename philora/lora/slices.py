@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
-
-SLICE_NAMES = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+from philora.model.layout import SLICES, part_rows
 
 
 @dataclass
@@ -33,11 +32,11 @@ def parse(target: str) -> SliceSpec | None:
     if ":" not in target:
         return None
     module, _, names = target.partition(":")
-    known = SLICE_NAMES.get(module)
+    known = SLICES.get(module)
     if known is None:
         raise UserError(
             f"peft_config.target_modules: {target!r}: slices are for fused modules "
-            f"({', '.join(SLICE_NAMES)}), not {module!r}"
+            f"({', '.join(SLICES)}), not {module!r}"
         )
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in known]
@@ -50,13 +49,8 @@ def parse(target: str) -> SliceSpec | None:
 
 
 def slice_sizes(config: Any, module: str) -> dict[str, int]:
-    """Output rows of each slice, from the model config (grouped-query attention aware)."""
-    if module == "qkv_proj":
-        heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv = (kv_heads or heads) * head_dim
-        return {"q": heads * head_dim, "k": kv, "v": kv}
-    return {"gate": config.intermediate_size, "up": config.intermediate_size}
+    """Output rows of each slice of a fused module, from the model config (grouped-query attention aware)."""
+    return {part.removesuffix("_proj"): rows for part, rows in part_rows(config)[module].items()}
 
 
 def patterns(specs: list[SliceSpec], r: int, alpha: float, rslora: bool) -> tuple[dict[str, int], dict[str, float]]:

@@ -17,15 +17,9 @@ import torch
 from philora.config import PeftSection
 from philora.errors import UserError
 from philora.lora import slices
+from philora.model.layout import FUSED_HOME
 
 # Unfused names other tools use, and the Phi-3 module that holds them.
-FUSED_HOME = {
-    "q_proj": "qkv_proj",
-    "k_proj": "qkv_proj",
-    "v_proj": "qkv_proj",
-    "gate_proj": "gate_up_proj",
-    "up_proj": "gate_up_proj",
-}
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

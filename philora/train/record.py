@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from philora import __version__, hardware
+from philora import hardware
 from philora.config import Config
 from philora.data import PreparedData
 from philora.data import report as data_report
 from philora.lora.targets import trainable_parameters
-
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
-
-
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"philora": __version__, "python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
+from philora.rundir import RunDir
+from philora.versions import library_versions
 
 
 def write_run_record(
@@ -72,7 +60,7 @@ def write_run_record(
         if evaluation
         else None,
     }
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    RunDir(out).record.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def peak_memory_mb() -> float:

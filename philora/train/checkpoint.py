@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from philora.errors import UserError
+from philora.rundir import RunDir
 
 PREFIX = "step-"
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
@@ -50,7 +51,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = output_dir / "checkpoints"
+    root = RunDir(output_dir).checkpoints
     found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
@@ -59,7 +60,7 @@ def save(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: di
          weights: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     """Write checkpoint `step-N` atomically; `weights` is the gathered state dict of a sharded (FSDP/DeepSpeed)
     model, None to read the model directly."""
-    root = output_dir / "checkpoints"
+    root = RunDir(output_dir).checkpoints
     final = root / f"{PREFIX}{state['step']}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from philora.generation import ROLES, Completion, Settings
+from philora.infer.generation import ROLES, Completion, Settings
 
 MAX_STOPS = 16
 # Request fields philora does not implement, with the values that mean "not used"; anything else is refused.

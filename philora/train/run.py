@@ -15,21 +15,21 @@ from typing import Any
 
 import torch
 
-from philora import checkpoint, data, evaluate, hardware
+from philora import data, hardware
 from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
 from philora.data.batching import collate
-from philora.distributed import backward_kwargs, configure, gathered_adapter, grad_norm, sharded
 from philora.errors import UserError
-from philora.logs import MetricsLog, plot_losses, reporters
+from philora.eval import report, runner, table
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
-from philora.loss import TokenLoss
-from philora.model import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
-from philora.plan import Plan, make_plan
-from philora.report import write_run_record
-
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "run.json", "loss.png", "eval.json", "eval.md", "report.html",
-             "eval", "lora-init", "runs")  # fmt: skip
+from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
+from philora.model.loss import TokenLoss
+from philora.rundir import RunDir, plot_losses
+from philora.train import checkpoint
+from philora.train.distributed import backward_kwargs, configure, gathered_adapter, grad_norm, sharded
+from philora.train.metrics import MetricsLog, reporters
+from philora.train.plan import Plan, make_plan
+from philora.train.record import write_run_record
 
 
 class LossDiverged(UserError):
@@ -45,14 +45,13 @@ class TrainResult:
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an old one unless asked to overwrite it."""
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = RunDir(out).written()
     if existing and not overwrite:
         raise UserError(
-            f"--output {out}: already holds a run ({', '.join(existing)}); continue it with --resume, choose "
-            "another --output, or set training_config.overwrite_output_dir: true"
+            f"--output {out}: already holds a run ({', '.join(p.name for p in existing)}); continue it with --resume, "
+            "choose another --output, or set training_config.overwrite_output_dir: true"
         )
-    for name in existing:
-        target = out / name
+    for target in existing:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -150,7 +149,7 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
         resume_from = check_resume(out, resume, config, clean=main)
         set_log_level(tc.log_level)
         set_seed(tc.seed)
-        log_dir = Path(tc.logging_dir) if tc.logging_dir else out / "runs"
+        log_dir = Path(tc.logging_dir) if tc.logging_dir else RunDir(out).tensorboard
         # Reporters before the slow parts, so a missing package fails early.
         sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if main else []
         tokenizer = load_tokenizer(config.model)
@@ -163,11 +162,11 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
     if tc.gradient_checkpointing:
         checkpoint_layers(model, tc)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0, "window": None}
-    prompts = evaluate.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
+    prompts = runner.prompts_and_references(prepared.eval.conversations) if prepared.eval else []
     want_generations = tc.predict_with_generate and bool(prompts) and main
     if want_generations and resume_from is None:  # the base model, before any adapter touches it
         with accelerator.autocast():  # in the run's arithmetic, as every evaluation of the run
-            state["answers_before"] = evaluate.answer(model, prepared.encoder, [p for p, _ in prompts],
+            state["answers_before"] = runner.answer(model, prepared.encoder, [p for p, _ in prompts],
                                                       tc.generation_max_length, tc.per_device_eval_batch_size,
                                                       "base model")  # fmt: skip
     model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
@@ -184,7 +183,7 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
             "resume with configs/accelerate/ddp.yaml or one process"
         )
 
-    log = MetricsLog(out / "metrics.jsonl" if main else None, sinks)
+    log = MetricsLog(RunDir(out).metrics if main else None, sinks)
     if resume_from is not None:
         saved = checkpoint.load(resume_from, model, optimizer, scheduler)
         state.update(saved["progress"])
@@ -200,15 +199,16 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
         return TrainResult(out, model, None)
 
     # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
-    model.save_pretrained(out / "adapter", state_dict=weights, path_initial_model_for_weight_conversion=initial)
-    tokenizer.save_pretrained(out / "adapter")
-    plot_losses(log.records, out / "loss.png")
+    files = RunDir(out)
+    model.save_pretrained(files.adapter, state_dict=weights, path_initial_model_for_weight_conversion=initial)
+    tokenizer.save_pretrained(files.adapter)
+    plot_losses(log.records, files.loss_plot)
     log.close()
     evaluation = None
     if want_generations:  # the same evaluation and files as `philora eval`, base answers from before training
         assert prepared.eval is not None
         with accelerator.autocast():
-            evaluation = evaluate.evaluate_model(
+            evaluation = runner.evaluate_model(
             model,
             prepared.encoder,
             prepared.eval.samples,
@@ -218,7 +218,7 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
             # PiSSA/OLoRA rewrote the base weights in memory: disabling the adapter would not give the base back
             base=not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
             base_answers=state["answers_before"],
-            settings={"command": "train", "run": out.name, "adapter": str(out / "adapter"),
+            settings={"command": "train", "run": out.name, "adapter": str(files.adapter),
                       "base_model": config.model.name_or_path or "embedded",
                       "data": data.source_specs(config.data)[1] or f"{config.data.eval} of {config.data.train}",
                       "conversations": len(prepared.eval.conversations)},
@@ -226,8 +226,8 @@ def run_training(config: Config, resume: str | bool | None) -> TrainResult:
     write_run_record(out, config, prepared, model, state, log.records, evaluation, time.time() - started,
                      accelerator.num_processes, accelerator.mixed_precision)  # fmt: skip
     if evaluation is not None:
-        evaluate.write_results(out, evaluation, out)
-        print(evaluate.format_comparison(evaluation), file=sys.stderr)
+        report.write_results(out, evaluation, out)
+        print(table.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: done in {time.time() - started:.0f}s; adapter in {out / 'adapter'}", file=sys.stderr)
     return TrainResult(out, model, evaluation)
 
@@ -248,7 +248,7 @@ def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
     needs to convert the trained one back onto the original base; None for the others."""
     if not str(pc.init_lora_weights).startswith(INIT_FROM_WEIGHTS):
         return None
-    path = out / "lora-init"
+    path = RunDir(out).lora_init
     lora_config = model.peft_config["default"]
     lora_config.init_lora_weights = True  # peft's convention for the saved starting point
     with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters need converting: this is for that
@@ -358,11 +358,11 @@ def loop(
             window = dict.fromkeys(window, 0)
         final_eval = last_step and (tc.do_eval or tc.eval_strategy != "no")
         if eval_samples and (due(tc.eval_strategy, tc.eval_steps or tc.logging_steps, done, plan) or final_eval):
-            eval_loss = evaluate.eval_loss(loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
+            eval_loss = runner.eval_loss(loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
             log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
             if main:
                 bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
-                plot_losses(log.records, out / "loss.png")
+                plot_losses(log.records, RunDir(out).loss_plot)
         if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
             weights = gathered_adapter(accelerator, loss_fn)  # every process takes part
             saved = {"step": done, "progress": {**state, "window": window}, "config": config.to_dict(),

@@ -30,8 +30,8 @@ import torch
 
 from philora.errors import UserError
 from philora.hardware import DTYPES
-from philora.inference import Adapter, base_section, read_adapter
-from philora.model import without_bitsandbytes
+from philora.infer.adapters import Adapter, base_section, read_adapter
+from philora.model.load import without_bitsandbytes
 
 # Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -98,7 +98,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     from transformers import AutoModelForCausalLM
 
     from philora.data.render import ChatEncoder
-    from philora.model import load_model, load_tokenizer, model_source
+    from philora.model.load import load_model, load_tokenizer, model_source
 
     tokenizer = load_tokenizer(section)
     encoder = ChatEncoder(tokenizer)  # gives a Phi-3 tokenizer without a template the official one

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 if TYPE_CHECKING:
-    from philora.config import Config
+    from philora.config.fields import Config
 
 
 def describe(tp: Any) -> str:

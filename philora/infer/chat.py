@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from philora.data.render import ChatEncoder
 from philora.errors import UserError
-from philora.generation import BadPrompt, Completion, Settings, complete
+from philora.infer.generation import BadPrompt, Completion, Settings, complete
 
 PROMPT = ">>> "
 HELP = "/reset clears the history, /exit quits"
@@ -115,7 +115,7 @@ def answer(session: Session, text: str, out: TextIO) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from philora.inference import load, read_adapter
+    from philora.infer.adapters import load, read_adapter
 
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if problems := settings.problems(FLAGS):

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from philora import evaluate
 from philora.config import DataSection, ModelSection
 from philora.data import Split, load_source, prepare, source_specs
 from philora.data.render import ChatEncoder
-from philora.errors import UserError
-from philora.inference import Adapter, autocast, known_fields, load, read_adapter
+from philora.errors import UserError, first_problems
+from philora.eval import report, runner, table
+from philora.infer.adapters import Adapter, autocast, known_fields, load, read_adapter
+from philora.rundir import RunDir
 
-MAX_LISTED_PROBLEMS = 10
 DEFAULT_BATCH_SIZE = 16  # for adapters without a run.json
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     )
     limit = _positive("--limit", args.limit, None)
 
-    from philora.model import load_tokenizer
+    from philora.model.load import load_tokenizer
 
     # The data before the model: a bad file fails in seconds, not after loading gigabytes of weights.
     tokenizer = load_tokenizer(ModelSection(name_or_path=args.model) if args.model else adapter.model)
@@ -60,19 +60,19 @@ def main(args: argparse.Namespace) -> int:
     }
     model, _ = load([adapter], args.model, args.dtype)
     with autocast(adapter if args.dtype is None else None):  # the run's own arithmetic, for the run's numbers
-        evaluation = evaluate.evaluate_model(
+        evaluation = runner.evaluate_model(
             model,
             encoder,
             split.samples,
-            evaluate.prompts_and_references(split.conversations),
+            runner.prompts_and_references(split.conversations),
             batch_size=batch_size,
             max_new_tokens=max_new,
             base=not args.no_base,
             settings=settings,
         )
     out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
-    evaluate.write_results(out, evaluation, adapter.path.parent if run else None)
-    print(evaluate.format_comparison(evaluation), file=sys.stderr)
+    report.write_results(out, evaluation, adapter.path.parent if run else None)
+    print(table.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: wrote eval.json, eval.md and report.html to {out}", file=sys.stderr)
     return 0
 
@@ -87,7 +87,7 @@ def _positive(flag: str, value: int | None, default: int | None) -> int | None:
 
 def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
     """The config the adapter was trained with, when it sits in a philora run dir."""
-    run_file = adapter.path.parent / "run.json"
+    run_file = RunDir(adapter.path.parent).record
     return json.loads(run_file.read_text())["config"] if run_file.is_file() else None
 
 
@@ -99,7 +99,7 @@ def data_section(run: dict[str, Any] | None) -> DataSection:
 def default_output(adapter: Adapter, in_run: bool) -> Path:
     """RUN/eval beside a run's adapter/; ADAPTER-eval beside an adapter from elsewhere."""
     if in_run:
-        return adapter.path.parent / "eval"
+        return RunDir(adapter.path.parent).eval_output
     return adapter.path.with_name(adapter.path.name + "-eval")
 
 
@@ -135,12 +135,10 @@ def read_split(spec: str, what: str, dc: DataSection, encoder: ChatEncoder) -> S
     except UserError as e:
         raise UserError(*(f"{what} {p}" if p.startswith(spec) else f"{what} {spec}: {p}" for p in e.problems)) from None
     if source.problems:
-        listed = source.problems[:MAX_LISTED_PROBLEMS]
-        more = f" ({len(source.problems) - len(listed)} more not listed)" if len(source.problems) > len(listed) else ""
+        listed, count = first_problems(source.problems)
         raise UserError(
             *listed,
-            f"{what} {spec}: {len(source.problems)} bad rows{more}; fix them (`philora data check {spec}` lists "
-            "each) or evaluate on another file",
+            f"{what} {spec}: {count}; fix them (`philora data check {spec}` lists each) or evaluate on another file",
         )
     split = Split(source.records)
     if not split.samples:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from philora.errors import UserError
-from philora.gguf_vocab import Vocab, gguf_name
+from philora.export.vocab import Vocab, gguf_name
 
 ARCH = "phi3"
 TYPES = ("f16", "q8_0")

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from philora.evaluate import RUNS, format_delta, format_value, metric_rows, present_runs
+from philora.eval.table import RUNS, format_delta, format_value, metric_rows, present_runs
+from philora.rundir import EVAL_FILES, RunDir, plot_losses, read_records
 
 HTML_SAMPLES = 100  # samples shown in report.html; eval.json has them all
 MD_SAMPLES = 5
@@ -58,21 +59,17 @@ footer { margin-top: 32px; font-size: 0.85em; color: var(--muted); }
 
 def read_run(run_dir: Path | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
     """run.json and the metrics.jsonl records of a run dir; None for what is not there."""
-    from philora.logs import MetricsLog
-
     if run_dir is None:
         return None, None
-    run_file, metrics_file = run_dir / "run.json", run_dir / "metrics.jsonl"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else None
-    records = MetricsLog(metrics_file).records if metrics_file.is_file() else None
+    files = RunDir(run_dir)
+    run = json.loads(files.record.read_text()) if files.record.is_file() else None
+    records = read_records(files.metrics) if files.metrics.is_file() else None
     return run, records
 
 
 def loss_plot_png(records: list[dict[str, Any]]) -> bytes:
     """The run's loss curve (train loss per logged step, eval loss per evaluation) as PNG bytes: the same figure
     as the run's loss.png, drawn again from metrics.jsonl."""
-    from philora.logs import plot_losses
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "loss.png"
         plot_losses(records, path)
@@ -275,3 +272,19 @@ def _fenced(text: str) -> str:
     """A code block that no run of backticks inside the text can close early."""
     fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
     return f"{fence}text\n{text}\n{fence}"
+
+
+def write_results(out: Path, evaluation: dict[str, Any], run_dir: Path | None) -> list[Path]:
+    """eval.json, eval.md and report.html in `out`; the report shows the run in `run_dir` (its run.json and the
+    loss curve from its metrics.jsonl) when there is one."""
+    out.mkdir(parents=True, exist_ok=True)
+    run, records = read_run(run_dir)
+    texts = (
+        json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n",
+        markdown(evaluation),
+        render(evaluation, run, records),
+    )
+    files = dict(zip(EVAL_FILES, texts, strict=True))  # eval.json, eval.md, report.html
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
-from philora.merge import Parity, compare, logits_of, parity_line, parity_prompts
+from philora.export.merge import Parity, compare, logits_of, parity_line, parity_prompts
 
 TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1}
 # Text whose tokenisation depends on the pre-tokenizer: digit runs, space runs, contractions, non-ASCII.
@@ -115,7 +115,7 @@ class Source:
 
     @property
     def gguf_name(self) -> str:
-        from philora.gguf_vocab import gguf_name
+        from philora.export.vocab import gguf_name
 
         return gguf_name(self.path.resolve().name, self.vocab.rstrip_specials)
 
@@ -126,9 +126,9 @@ def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str
 
     from philora.config import ModelSection
     from philora.data.render import ChatEncoder
-    from philora.gguf_export import check_phi3, write_gguf
-    from philora.gguf_vocab import build_vocab
-    from philora.model import load_tokenizer
+    from philora.export.gguf import check_phi3, write_gguf
+    from philora.export.vocab import build_vocab
+    from philora.model.load import load_tokenizer
 
     config = AutoConfig.from_pretrained(path)
     check_phi3(config, f"--model {path}")
@@ -144,7 +144,7 @@ def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str
     del model
     stops = [tokenizer.convert_ids_to_tokens(i) for i in encoder.stop_ids]
     if shape is not None:
-        from philora.modelfile import modelfile
+        from philora.export.ollama import modelfile
 
         text = modelfile(shape, gguf_path.name, stops, config.max_position_embeddings, str(path))
         (gguf_path.parent / "Modelfile").write_text(text)
@@ -165,7 +165,7 @@ def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str
 
 
 def ollama_shape(encoder: Any) -> Any:
-    from philora.modelfile import chat_shape
+    from philora.export.ollama import chat_shape
 
     end_of_turn = encoder.tokenizer.convert_ids_to_tokens(encoder.end_of_turn_id)
     return chat_shape(encoder.render, end_of_turn)
@@ -175,7 +175,7 @@ def verify(gguf_path: Path, source: Source, qtype: str) -> dict[str, Any]:
     """Read the GGUF back with transformers and compare its tokenizer and logits with the source's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from philora.gguf_vocab import as_llama_cpp_reads_it
+    from philora.export.vocab import as_llama_cpp_reads_it
 
     with tempfile.TemporaryDirectory() as folder:  # nothing beside the file that transformers could pick up
         name = gguf_path.name
@@ -201,7 +201,7 @@ def verify(gguf_path: Path, source: Source, qtype: str) -> dict[str, Any]:
 
 
 def needs_source_config(config: Any) -> bool:
-    from philora.gguf_export import rope_settings
+    from philora.export.gguf import rope_settings
 
     rope = rope_settings(config)
     return rope["rope_type"] != "default" or float(rope["partial_rotary_factor"]) != 1.0
@@ -210,7 +210,7 @@ def needs_source_config(config: Any) -> bool:
 def tokenizer_mismatch(source: Any, loaded: Any, encoder: Any) -> str | None:
     """None when the GGUF's tokenizer encodes the parity prompts and probes exactly like the source; else the
     first text that differs."""
-    from philora.merge import PARITY_CONVERSATIONS
+    from philora.export.merge import PARITY_CONVERSATIONS
 
     texts = [encoder.render(m, True) for m in PARITY_CONVERSATIONS] + TOKENIZER_PROBES
     for text in texts:

@@ -24,6 +24,7 @@ from typing import Any
 
 from philora.config import ModelSection
 from philora.errors import UserError
+from philora.rundir import RunDir
 
 
 @dataclass
@@ -44,7 +45,7 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
     if not config_file.is_file():
         what = "no such directory" if not path.exists() else "no adapter_config.json there"
         raise UserError(f"--adapter {path}: {what}; give the adapter/ dir of a run (or the run dir itself)")
-    run_file = path.parent / "run.json"
+    run_file = RunDir(path.parent).record
     if run_file.is_file():
         run = json.loads(run_file.read_text())
         model = known_fields(ModelSection, run["config"]["model"])
@@ -108,7 +109,7 @@ def base_section(adapters: list[Adapter], model: str | None, dtype: str | None =
 def load(adapters: list[Adapter], model: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) ready for generation: the base with every adapter loaded by name, the first active.
     With no adapters the plain base model is returned."""
-    from philora.model import load_model, load_tokenizer, without_bitsandbytes
+    from philora.model.load import load_model, load_tokenizer, without_bitsandbytes
 
     section = base_section(adapters, model, dtype)
     tokenizer = load_tokenizer(section)

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from philora import embedded, hardware
+from philora import hardware
 from philora.config import ModelSection
 from philora.errors import UserError
+from philora.model import embedded
 
 # Pad tokens that are safe to use when the tokenizer's pad is missing or equals its eos / end-of-turn token.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")

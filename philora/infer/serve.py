@@ -36,9 +36,9 @@ from typing import Any
 
 from philora.data.render import ChatEncoder
 from philora.errors import UserError
-from philora.generation import BadPrompt, Row, generate, prompt_ids
-from philora.inference import Adapter, read_adapter
-from philora.openai_api import ApiError, ChatRequest, parse_chat, usage
+from philora.infer.adapters import Adapter, read_adapter
+from philora.infer.generation import BadPrompt, Row, generate, prompt_ids
+from philora.infer.openai_api import ApiError, ChatRequest, parse_chat, usage
 
 MAX_BATCH = 16  # requests generated together
 MAX_BODY = 16 << 20
@@ -324,7 +324,7 @@ def _id() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from philora.inference import load
+    from philora.infer.adapters import load
 
     problems = [f"--max-queue: {args.max_queue}; give a number >= 1"] if args.max_queue < 1 else []
     if args.max_new_tokens < 1:
@@ -365,7 +365,7 @@ def adapters_of(specs: list[str]) -> list[Adapter]:
 
 def base_name(model: str | None, adapters: list[Adapter]) -> str:
     """What requests call the base model: its directory's name, its hub id, or the embedded model's name."""
-    from philora import embedded
+    from philora.model import embedded
 
     source = model if model is not None else adapters[0].model.name_or_path if adapters else None
     if source is None:

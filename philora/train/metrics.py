@@ -1,11 +1,13 @@
-"""What a run records while it trains: metrics.jsonl, loss.png drawn from it, and the same numbers sent to
-TensorBoard, Weights & Biases or MLflow when `training_config.report_to` names them."""
+"""What a run records while it trains: metrics.jsonl, and the same numbers sent to TensorBoard, Weights & Biases
+or MLflow when `training_config.report_to` names them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from philora.rundir import read_records
 
 
 class MetricsLog:
@@ -17,14 +19,7 @@ class MetricsLog:
         self.sinks = sinks or []
         self.records: list[dict[str, Any]] = []
         if path is not None and path.exists():  # a resumed run continues its own log
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            for number, line in enumerate(lines, start=1):
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if number < len(lines):
-                        raise
-                    # the last line was cut by a kill mid-write; resuming rewrites the log without it
+            self.records = read_records(path)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run replays them) and rewrite the file, atomically."""
@@ -116,28 +111,3 @@ def reporters(report_to: str | list[str], log_dir: Path, name: str | None, confi
             package = {"tensorboard": "tensorboard"}.get(kind, kind)
             raise UserError(f"training_config.report_to: {kind} needs its package; pip install {package}") from None
     return sinks
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and eval loss per evaluation, written to `path` as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; set here, not at import, to leave other users alone
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="#2f6db5")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="#d9822b")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per trained token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)

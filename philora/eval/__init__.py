@@ -1,0 +1,1 @@
+"""Evaluation: eval loss and generation metrics, base beside fine-tuned; the terminal table, Markdown and HTML."""
