@@ -40,6 +40,10 @@ class RunDir:
         return self.root / "lora-init"
 
     @property
+    def base_answers(self) -> Path:  # the base model's answers to the eval prompts, before training
+        return self.root / "base-answers.json"
+
+    @property
     def tensorboard(self) -> Path:
         return self.root / "runs"
 
@@ -50,7 +54,8 @@ class RunDir:
     def written(self) -> list[Path]:
         """Every file or folder of a run that exists here (a new run into this dir would mix with them)."""
         names = [self.adapter, self.checkpoints, self.metrics, self.record, self.loss_plot,
-                 *(self.root / f for f in EVAL_FILES), self.eval_output, self.lora_init, self.tensorboard]  # fmt: skip
+                 *(self.root / f for f in EVAL_FILES), self.eval_output, self.lora_init, self.tensorboard,
+                 self.base_answers]  # fmt: skip
         return [p for p in names if p.exists()]
 
 

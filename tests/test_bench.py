@@ -26,7 +26,10 @@ def test_gpu_bench_runs_both_sides_on_a_tiny_model(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert [(r["mode"], r["side"]) for r in results] == [("qlora", "philora"), ("qlora", "trl")]
     for r in results:
-        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        # tokens/s is the tokens of the timed steps (after the warm-up one) over their time, from the recorded marks
+        (t0, n0), (t1, n1) = r["marks"][0], r["marks"][-1]
+        assert n1 > n0 and t1 > t0 and r["tokens_per_s"] == pytest.approx((n1 - n0) / (t1 - t0), rel=1e-9)
         # A random model over a 32064-word vocabulary starts near ln(32064) = 10.4.
         assert abs(r["losses"][0] - math.log(32064)) < 0.5
     assert results[0]["params"] == results[1]["params"]  # the same model, counted the same way

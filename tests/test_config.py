@@ -50,8 +50,24 @@ peft_config:
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
 def test_every_preset_is_valid(preset: str) -> None:
+    """Each preset loads, names the model its file name says, quantises exactly when it is a -qlora one, and packs
+    rows that the model's context holds."""
     config = load_config(preset)
-    assert config.peft_config.r >= 1
+    model, data, tc = config.model, config.data, config.training_config
+    if preset == "demo":
+        assert model.name_or_path is None and model.quantization is None
+        return
+    family, _, method = preset.rpartition("-")
+    expected = {"phi3-mini-4k": ("microsoft/Phi-3-mini-4k-instruct", 4096),
+                "phi3-mini-128k": ("microsoft/Phi-3-mini-128k-instruct", 131072),
+                "phi3.5-mini": ("microsoft/Phi-3.5-mini-instruct", 131072),
+                "phi4-mini": ("microsoft/Phi-4-mini-instruct", 131072)}  # fmt: skip
+    name, context = expected[family]
+    assert model.name_or_path == name and model.dtype == "auto"
+    assert model.quantization == ("4bit" if method == "qlora" else None) and method in ("lora", "qlora")
+    assert 1024 <= data.max_length <= context and data.packing
+    assert config.peft_config.target_modules == "all-linear" and config.peft_config.r == 16
+    assert tc.bf16 and tc.output_dir == f"out/{preset}"
 
 
 def test_presets_cover_the_phi_family() -> None:

@@ -187,7 +187,7 @@ def test_deepspeed_steps_once_per_accumulated_step() -> None:
     from accelerate.utils import DistributedType
 
     from philora.config import TrainingSection
-    from philora.train.run import optimizer_step
+    from philora.train.loop import optimizer_step
 
     calls: list[tuple[bool, dict]] = []
     weight = torch.nn.Parameter(torch.ones(3))

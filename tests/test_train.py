@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,8 +149,8 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path, tiny_phi3: Path, tiny_data:
 
 
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
+    from philora.train.loop import due
     from philora.train.plan import Plan
-    from philora.train.run import due
 
     plan = Plan(rows=[[i] for i in range(10)], batch_size=3, accumulation=2, total_steps=4, seed=5)
     assert plan.per_epoch == 4  # micro-batches of 3, 3, 3, 1
@@ -172,7 +173,8 @@ def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, 
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     losses = [r["loss"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
-    assert losses and all(0 < loss < 20 for loss in losses)
+    # A random model over a 49152-word vocabulary starts near ln(49152) = 10.8, and LoRA at lr 0.01 lowers it.
+    assert len(losses) == 2 and abs(losses[0] - math.log(49152)) < 0.5 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow
@@ -229,7 +231,7 @@ def test_resume_after_sigkill_is_exact(
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from philora.train import run as train_module
+    from philora.train import loop as train_module
 
     path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, save_steps=2)
     real_step, calls = train_module.optimizer_step, []

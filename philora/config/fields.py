@@ -9,18 +9,22 @@ paste in and run. `load_config` reads the YAML, applies `--set` overrides and va
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 PACKAGED_CONFIGS = Path(__file__).parent.parent / "configs"
+REPORTERS = ("none", "tensorboard", "wandb", "mlflow")  # training_config.report_to
 
 
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with its documentation; mutable defaults are copied per instance."""
+def doc(default: Any, help: str, check: Callable[[Any], bool] | None = None, fix: str = "") -> Any:
+    """A dataclass field with its documentation and, for values of the right type that cannot work, a `check`
+    and the `fix` to tell the user; mutable defaults are copied per instance."""
+    metadata = {"help": help, "check": check, "fix": fix}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -52,6 +56,8 @@ class DataSection:
     eval: str | float | None = doc(
         None,
         "held-out data (same kinds as train), or a fraction (0-0.5] of train; null = none (sample: its eval split)",
+        check=lambda v: not isinstance(v, float) or 0 < v <= 0.5,
+        fix="a held-out fraction must be in (0, 0.5]",
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = doc(
         "auto",
@@ -63,7 +69,12 @@ class DataSection:
         "your field names for philora's, e.g. {prompt: question, completion: answer}; also role, content, "
         "from, value inside messages",
     )
-    max_length: int = doc(2048, "longest tokenised conversation (or packed row) in tokens")
+    max_length: int = doc(
+        2048,
+        "longest tokenised conversation (or packed row) in tokens",
+        check=lambda v: v >= 16,
+        fix="use at least 16 tokens",
+    )
     overlong: Literal["drop", "truncate", "split"] = doc(
         "truncate",
         "a conversation longer than max_length is dropped, truncated after the last answer that fits, or split "
@@ -76,16 +87,36 @@ class DataSection:
     on_bad_row: Literal["error", "skip"] = doc(
         "error", "a malformed row stops the run (error) or is counted and skipped"
     )
-    max_eval_samples: int | None = doc(None, "use at most this many eval conversations (null = all)")
+    max_eval_samples: int | None = doc(
+        None,
+        "use at most this many eval conversations (null = all)",
+        check=lambda v: v is None or v >= 1,
+        fix="use >= 1, or null for all",
+    )
     cache: bool = doc(True, "keep tokenised data under the cache dir, keyed by content and settings")
-    num_proc: int | None = doc(None, "tokenising processes; null = all cores for 2000+ conversations")
+    num_proc: int | None = doc(
+        None,
+        "tokenising processes; null = all cores for 2000+ conversations",
+        check=lambda v: v is None or v >= 1,
+        fix="use >= 1, or null for all cores",
+    )
 
 
 @dataclass
 class PeftSection:
-    r: int = doc(16, "LoRA rank")
-    lora_alpha: float = doc(32, "LoRA scaling numerator: the update is scaled by lora_alpha / r")
-    lora_dropout: float = doc(0.05, "dropout on the LoRA input (0 takes a faster path)")
+    r: int = doc(16, "LoRA rank", check=lambda v: v >= 1, fix="use a rank >= 1 (8-64 is typical)")
+    lora_alpha: float = doc(
+        32,
+        "LoRA scaling numerator: the update is scaled by lora_alpha / r",
+        check=lambda v: v > 0,
+        fix="use a positive value (often 2*r)",
+    )
+    lora_dropout: float = doc(
+        0.05,
+        "dropout on the LoRA input (0 takes a faster path)",
+        check=lambda v: 0 <= v < 1,
+        fix="use a value in [0, 1)",
+    )
     bias: Literal["none", "all", "lora_only"] = doc("none", "which biases are trained")
     task_type: Literal["CAUSAL_LM"] = doc("CAUSAL_LM", "peft task type; philora trains causal LMs")
     target_modules: str | list[str] = doc(
@@ -93,6 +124,8 @@ class PeftSection:
         "modules that get LoRA: a preset (all-linear = every linear layer but the LM head; attention; mlp;"
         " qv = q and v only) or a list of module names, where qkv_proj:q,v or gate_up_proj:up adapts only those"
         " slices of Phi-3's fused projections; a name that matches nothing is an error",
+        check=lambda v: v in ("all-linear", "attention", "mlp", "qv") or (isinstance(v, list) and len(v) > 0),
+        fix="use all-linear, attention, mlp, qv or a non-empty list of module names",
     )
     modules_to_save: list[str] | None = doc(None, "modules trained in full and saved with the adapter")
     use_rslora: bool = doc(False, "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)")
@@ -101,6 +134,8 @@ class PeftSection:
         True,
         "true = A random, B zero; gaussian; pissa (or pissa_niter_N) and olora start from the weights' principal"
         " directions (the adapter is saved converted, so it applies to the original base)",
+        check=lambda v: v in (True, False, "gaussian", "pissa", "olora") or str(v).startswith("pissa_niter_"),
+        fix="use true, false, gaussian, pissa, pissa_niter_N or olora",
     )
     layers_to_transform: list[int] | None = doc(None, "only these layer indices get LoRA (null = all)")
 
@@ -110,18 +145,32 @@ class TrainingSection:
     output_dir: str = doc("out", "where adapter/, checkpoints/, metrics.jsonl, run.json and loss.png go")
     overwrite_output_dir: bool = doc(False, "allow writing over a finished run in output_dir")
     seed: int = doc(42, "seed for LoRA init, data order and dropout")
-    num_train_epochs: float = doc(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int = doc(-1, "optimizer steps to run; -1 = derive from num_train_epochs")
-    per_device_train_batch_size: int = doc(4, "rows per micro-batch")
-    per_device_eval_batch_size: int = doc(4, "rows per eval batch")
-    gradient_accumulation_steps: int = doc(1, "micro-batches per optimizer step (loss averaged per token)")
-    learning_rate: float = doc(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = doc(0.0, "AdamW weight decay")
-    adam_beta1: float = doc(0.9, "AdamW beta1")
-    adam_beta2: float = doc(0.999, "AdamW beta2")
+    num_train_epochs: float = doc(
+        1.0, "passes over the training data (fractions allowed)", check=lambda v: v > 0, fix="use a positive value"
+    )
+    max_steps: int = doc(
+        -1,
+        "optimizer steps to run; -1 = derive from num_train_epochs",
+        check=lambda v: v == -1 or v >= 1,
+        fix="use -1 (derive from epochs) or >= 1",
+    )
+    per_device_train_batch_size: int = doc(4, "rows per micro-batch", check=lambda v: v >= 1, fix="use a value >= 1")
+    per_device_eval_batch_size: int = doc(4, "rows per eval batch", check=lambda v: v >= 1, fix="use a value >= 1")
+    gradient_accumulation_steps: int = doc(
+        1, "micro-batches per optimizer step (loss averaged per token)", check=lambda v: v >= 1, fix="use a value >= 1"
+    )
+    learning_rate: float = doc(2e-4, "peak learning rate (AdamW)", check=lambda v: v > 0, fix="use a positive value")
+    weight_decay: float = doc(0.0, "AdamW weight decay", check=lambda v: v >= 0, fix="use a value >= 0")
+    adam_beta1: float = doc(0.9, "AdamW beta1", check=lambda v: 0 <= v < 1, fix="use a value in [0, 1)")
+    adam_beta2: float = doc(0.999, "AdamW beta2", check=lambda v: 0 <= v < 1, fix="use a value in [0, 1)")
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     optim: Literal["adamw_torch", "adamw_torch_fused"] = doc("adamw_torch", "optimizer")
-    max_grad_norm: float = doc(1.0, "clip the gradient norm to this (0 = no clipping)")
+    max_grad_norm: float = doc(
+        1.0,
+        "clip the gradient norm to this (0 = no clipping)",
+        check=lambda v: v >= 0,
+        fix="use >= 0 (0 = no clipping)",
+    )
     lr_scheduler_type: Literal[
         "linear",
         "cosine",
@@ -131,38 +180,73 @@ class TrainingSection:
         "constant_with_warmup",
         "inverse_sqrt",
     ] = doc("linear", "learning-rate schedule after warmup")
-    warmup_ratio: float = doc(0.0, "fraction of the steps spent warming up (used when warmup_steps is 0)")
-    warmup_steps: int = doc(0, "warmup steps; overrides warmup_ratio when > 0")
+    warmup_ratio: float = doc(
+        0.0,
+        "fraction of the steps spent warming up (used when warmup_steps is 0)",
+        check=lambda v: 0 <= v <= 1,
+        fix="use a value in [0, 1]",
+    )
+    warmup_steps: int = doc(
+        0, "warmup steps; overrides warmup_ratio when > 0", check=lambda v: v >= 0, fix="use a value >= 0"
+    )
     bf16: bool = doc(False, "compute in bfloat16 (autocast) where the hardware supports it")
     fp16: bool = doc(False, "compute in float16 (autocast, loss scaling); CUDA only")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory (slower)")
-    gradient_checkpointing_kwargs: dict[str, bool] | None = doc(None, "e.g. {use_reentrant: false}")
+    gradient_checkpointing_kwargs: dict[str, bool] | None = doc(
+        None,
+        "e.g. {use_reentrant: false}",
+        check=lambda v: set(v or {}) <= {"use_reentrant"},
+        fix="only use_reentrant is supported",
+    )
     gradient_checkpointing_layers: float = doc(
         1.0,
         "with gradient_checkpointing, the fraction of decoder layers recomputed (evenly spaced): below 1 saves"
         " less memory and costs less time; 0.25 recomputes every fourth layer",
+        check=lambda v: 0 < v <= 1,
+        fix="use a fraction in (0, 1]",
     )
     logging_strategy: Literal["steps", "epoch", "no"] = doc("steps", "when to log training loss")
-    logging_steps: int = doc(10, "log every this many optimizer steps")
+    logging_steps: int = doc(10, "log every this many optimizer steps", check=lambda v: v >= 1, fix="use a value >= 1")
     logging_first_step: bool = doc(False, "also log the first step")
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = doc(
         "passive", "verbosity of library logs (passive = leave as is)"
     )
     do_eval: bool = doc(False, "compute eval loss at the end (and per eval_strategy) when there is eval data")
     eval_strategy: Literal["no", "steps", "epoch"] = doc("no", "when to compute eval loss during training")
-    eval_steps: int | None = doc(None, "eval every this many steps (null = logging_steps)")
+    eval_steps: int | None = doc(
+        None,
+        "eval every this many steps (null = logging_steps)",
+        check=lambda v: v is None or v >= 1,
+        fix="use a value >= 1, or null for logging_steps",
+    )
     save_strategy: Literal["no", "steps", "epoch"] = doc("steps", "when to write checkpoints")
-    save_steps: int = doc(500, "checkpoint every this many optimizer steps")
-    save_total_limit: int | None = doc(None, "keep only the newest this many checkpoints (null = all)")
-    remove_unused_columns: bool = doc(True, "accepted for compatibility; philora always keeps only token columns")
+    save_steps: int = doc(
+        500, "checkpoint every this many optimizer steps", check=lambda v: v >= 1, fix="use a value >= 1"
+    )
+    save_total_limit: int | None = doc(
+        None,
+        "keep only the newest this many checkpoints (null = all)",
+        check=lambda v: v is None or v >= 1,
+        fix="use >= 1, or null to keep every checkpoint",
+    )
+    remove_unused_columns: bool = doc(
+        True,
+        "accepted for compatibility; philora always keeps only token columns",
+        check=lambda v: v,
+        fix="philora always keeps only the token columns; remove the key or set it to true",
+    )
     predict_with_generate: bool = doc(
         False, "generate answers to the eval prompts before and after training and report exact match"
     )
-    generation_max_length: int = doc(128, "new tokens per generated eval answer")
+    generation_max_length: int = doc(
+        128, "new tokens per generated eval answer", check=lambda v: v >= 1, fix="use a value >= 1"
+    )
     run_name: str | None = doc(None, "a name recorded in run.json (and the run's name in wandb/mlflow)")
     report_to: str | list[str] = doc(
         "none",
         "where metrics also go, besides metrics.jsonl: none, tensorboard, wandb, mlflow, or a list of them",
+        check=lambda v: set([v] if isinstance(v, str) else v) <= set(REPORTERS),
+        fix="use none, tensorboard, wandb, mlflow, or a list of them",
     )
     logging_dir: str | None = doc(None, "TensorBoard event files (null = OUTPUT/runs)")
 

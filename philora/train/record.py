@@ -15,6 +15,7 @@ from philora.data import PreparedData
 from philora.data import report as data_report
 from philora.lora.targets import trainable_parameters
 from philora.rundir import RunDir
+from philora.train.state import Progress
 from philora.versions import library_versions
 
 
@@ -23,7 +24,7 @@ def write_run_record(
     config: Config,
     prepared: PreparedData,
     model: Any,
-    state: dict[str, Any],
+    progress: Progress,
     records: list[dict[str, Any]],
     evaluation: dict[str, Any] | None,
     wall_seconds: float,
@@ -47,11 +48,11 @@ def write_run_record(
         "torch_threads": torch.get_num_threads(),
         "peak_memory_mb": peak_memory_mb(),
         "parameters": {"trainable": trainable, "total": total},
-        "steps": state["step"],
-        "tokens": state["tokens"],
-        "trained_tokens": state["trained_tokens"],
-        "train_seconds": round(state["train_seconds"], 2),
-        "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+        "steps": progress.step,
+        "tokens": progress.tokens,
+        "trained_tokens": progress.trained_tokens,
+        "train_seconds": round(progress.train_seconds, 2),
+        "tokens_per_s": round(progress.tokens / max(progress.train_seconds, 1e-9), 1),
         "wall_seconds": round(wall_seconds, 2),
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": evals[-1] if evals else None,

@@ -1,0 +1,83 @@
+"""The state of a training run, as dataclasses whose fields you can read: `Progress` (what a checkpoint saves of
+the loop's position) and `Run` (what the stages of `philora train` share)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from philora import data
+from philora.config import Config, TrainingSection
+from philora.rundir import RunDir
+from philora.train.metrics import MetricsLog
+
+
+@dataclass
+class Window:
+    """Sums since the last log line (saved too, so a resumed run logs the values an uninterrupted one logs)."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    trained: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint's state.json holds under "progress"."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens seen, padding excluded
+    trained_tokens: int = 0  # tokens with a label
+    train_seconds: float = 0.0  # time in optimizer steps (no evaluation, no checkpointing)
+    window: Window = field(default_factory=Window)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Progress:
+        known = {f.name for f in dataclasses.fields(cls)} - {"window"}
+        return cls(**{k: v for k, v in saved.items() if k in known}, window=Window(**(saved.get("window") or {})))
+
+
+@dataclass
+class Run:
+    """What the stages of one training run share; filled in as they go."""
+
+    config: Config
+    accelerator: Any
+    files: RunDir
+    resume_from: Path | None = None
+    started: float = field(default_factory=time.time)
+    tokenizer: Any = None
+    prepared: data.PreparedData | None = None
+    prompts: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)  # eval prompts and references
+    model: Any = None  # the peft model
+    initial_adapter: str | None = None  # PiSSA/OLoRA: the adapter as initialised, to convert the trained one
+    plan: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    loss_fn: Any = None  # TokenLoss(model), as accelerate prepared it
+    log: MetricsLog | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def tc(self) -> TrainingSection:
+        return self.config.training_config
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and talks to the user (the only one, outside data-parallel runs)."""
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        """A message to the user, from the main process only."""
+        if self.main:
+            print(f"philora: {text}", file=sys.stderr)
+
+    @property
+    def generates(self) -> bool:
+        """Whether the run answers its eval prompts before and after training (the main process does)."""
+        return self.tc.predict_with_generate and bool(self.prompts) and self.main
