@@ -20,14 +20,13 @@ from philora.data.batching import collate, length_groups, one_per_row
 from philora.data.formats import Conversation
 from philora.data.render import ChatEncoder, Sample
 from philora.eval.metrics import compare, loss_metrics
+from philora.model.load import longrope_boundary
 
 
 @torch.no_grad()
 def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int) -> float:
     """Mean cross-entropy per trained token over the eval samples, in batches of `batch_size` that never mix the
     two sides of a longrope model's original context."""
-    from philora.model.load import longrope_boundary
-
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0

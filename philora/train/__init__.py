@@ -1,1 +1,1 @@
-"""Training: the run (set up → build → fit → finish), its loop, step plan, loss, checkpoints and records."""
+"""Training: the run (set up → build → fit → finish), its state, loop, step plan, checkpoints and records."""
