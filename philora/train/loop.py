@@ -61,7 +61,7 @@ def optimizer_step(loss_fn: Any, batches: list[tuple[Batch, bool]], trained: int
     norm = None
     if math.isfinite(loss):
         norm = grad_norm(accelerator, loss_fn, tc.max_grad_norm)
-        optimizer.step()  # under DeepSpeed the engine stepped already (see philora.distributed)
+        optimizer.step()  # under DeepSpeed the engine stepped already (see train/distributed.py)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm

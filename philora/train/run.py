@@ -138,7 +138,8 @@ def finish(run: Run) -> TrainResult:
                 max_new_tokens=tc.generation_max_length,
                 # PiSSA/OLoRA rewrote the base weights in memory: disabling the adapter would not give the base back
                 base=not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
-                base_answers=json.loads(files.base_answers.read_text()),
+                # recorded before training; a run resumed from an older philora's checkpoint answers them now
+                base_answers=json.loads(files.base_answers.read_text()) if files.base_answers.is_file() else None,
                 settings={"command": "train", "run": files.root.name, "adapter": str(files.adapter),
                           "base_model": config.model.name_or_path or "embedded",
                           "data": data.source_specs(config.data)[1] or f"{config.data.eval} of {config.data.train}",
