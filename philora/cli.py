@@ -41,6 +41,15 @@ def parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint in the output dir, or from DIR",
     )
 
+    preflight = sub.add_parser(
+        "check",
+        help="everything that can fail, before training: config, data, model (no weights loaded), template, tokens, "
+        "memory estimate (exit 2 on a problem)",
+    )
+    _config_args(preflight)
+    preflight.add_argument("--time", action="store_true", help="also time a few real steps and estimate the run's ETA")
+    preflight.add_argument("--json", action="store_true", help="print the report as JSON")
+
     config = sub.add_parser("config", help="print the resolved config, every field with its meaning")
     _config_args(config)
 
@@ -145,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(dump_documented(config), end="")
         return 0
+    if args.command == "check":
+        from philora.preflight.command import check
+        from philora.train.trial import measure
+
+        return check(config, measure if args.time else None, as_json=args.json)
     if args.command == "data":
         from philora.data.check import check
         from philora.model.load import load_tokenizer

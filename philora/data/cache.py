@@ -23,7 +23,7 @@ from philora.data.encode import FITS, Outcome
 from philora.data.render import IGNORE, Sample
 from philora.paths import cache_root
 
-VERSION = 1  # bump when the encoding of the same inputs changes
+VERSION = 2  # bump when the encoding of the same inputs changes
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -138,7 +138,8 @@ class ChatEncoder:
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         prompt, full = self.ids(probe[:1], generation_prompt=True), self.ids(probe)
         for token in full[len(prompt) :]:
-            if token in self.special_ids:
+            # an unknown-word token is special too, but it stands for the answer's text, not for its end
+            if token in self.special_ids and token != self.tokenizer.unk_token_id:
                 return token
         return self.tokenizer.eos_token_id
 

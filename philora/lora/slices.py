@@ -86,7 +86,9 @@ def restrict(peft_model: Any, specs: list[SliceSpec], r: int) -> int:
                     weight.mul_(mask)
                 weight.register_hook(lambda grad, mask=mask: grad * mask)
                 module.philora_slice_mask = mask
-                held += int((mask == 0).sum())
+                # counted from the shapes, so a model on the meta device (philora check) gets the same number
+                module.philora_held = weight.numel() - r * sum(sizes[name] for name in spec.chosen)
+                held += module.philora_held
     return held
 
 

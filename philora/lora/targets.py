@@ -86,13 +86,13 @@ def resolve_targets(model: torch.nn.Module, target_modules: str | list[str]) -> 
     return list(target_modules)
 
 
-def apply_lora(model: Any, pc: PeftSection, quantized: bool = False) -> Any:
-    """Wrap `model` in a peft LoRA model per `pc`, print what was adapted, and return it."""
+def apply_lora(model: Any, pc: PeftSection, quantized: bool = False, say: bool = True) -> Any:
+    """Wrap `model` in a peft LoRA model per `pc`, print what was adapted (when `say`), and return it."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, pc.target_modules)
     specs = [spec for t in targets if (spec := slices.parse(t)) is not None]
-    _check_variants(pc, specs, quantized)
+    check_variants(pc, specs, quantized)
     ranks, alphas = slices.patterns(specs, pc.r, pc.lora_alpha, pc.use_rslora)
     lora_config = LoraConfig(
         task_type=pc.task_type,
@@ -111,11 +111,12 @@ def apply_lora(model: Any, pc: PeftSection, quantized: bool = False) -> Any:
     )
     peft_model = get_peft_model(model, lora_config)
     slices.restrict(peft_model, specs, pc.r)
-    print(describe_adapters(peft_model), file=sys.stderr)
+    if say:
+        print(describe_adapters(peft_model), file=sys.stderr)
     return peft_model
 
 
-def _check_variants(pc: PeftSection, specs: list[slices.SliceSpec], quantized: bool) -> None:
+def check_variants(pc: PeftSection, specs: list[slices.SliceSpec], quantized: bool) -> None:
     init = str(pc.init_lora_weights)
     from_weights = init.startswith(INIT_FROM_WEIGHTS)
     problems = []
@@ -141,7 +142,7 @@ def _check_variants(pc: PeftSection, specs: list[slices.SliceSpec], quantized: b
 def trainable_parameters(peft_model: Any) -> tuple[int, int]:
     """(trainable, total) as peft counts them, less the B entries that slices hold at zero."""
     trainable, total = peft_model.get_nb_trainable_parameters()  # counts 4-bit packed weights correctly
-    held = sum(int((m.philora_slice_mask == 0).sum()) for m in peft_model.modules() if hasattr(m, "philora_slice_mask"))
+    held = sum(getattr(m, "philora_held", 0) for m in peft_model.modules())
     return trainable - held, total
 
 

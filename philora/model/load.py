@@ -40,7 +40,7 @@ def model_source(mc: ModelSection) -> str:
     return name
 
 
-def _from_pretrained(loader: Any, source: str, mc: ModelSection, what: str, **kwargs: Any) -> Any:
+def from_pretrained(loader: Any, source: str, mc: ModelSection, what: str, **kwargs: Any) -> Any:
     """Call a transformers loader, turning 'not found' and 'offline' failures into one clear line."""
     try:
         return loader.from_pretrained(source, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **kwargs)
@@ -65,7 +65,7 @@ def load_tokenizer(mc: ModelSection) -> Any:
     confused with, or masked as, the token that ends an answer)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
+    tokenizer = from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
     ensure_safe_pad(tokenizer)
     return tokenizer
 
@@ -91,7 +91,7 @@ def ensure_safe_pad(tokenizer: Any) -> None:
     )
 
 
-def _check_attention(mc: ModelSection, dev: torch.device) -> None:
+def check_attention(mc: ModelSection, dev: torch.device) -> None:
     if mc.attn_implementation != "flash_attention_2":
         return
     if dev.type != "cuda":
@@ -137,7 +137,7 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     dev = hardware.device()
-    _check_attention(mc, dev)
+    check_attention(mc, dev)
     source = model_source(mc)
     kwargs: dict[str, Any] = {
         "dtype": hardware.resolve_dtype(mc.dtype, dev),
@@ -148,7 +148,7 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
         if weights_sharded():  # the unquantised weights must match the bf16 storage FSDP/ZeRO-3 shard
             kwargs["dtype"] = torch.bfloat16
-    model = _from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
     if quant is None:
         model.to(dev)
     model.config.use_cache = not training

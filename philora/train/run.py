@@ -27,6 +27,8 @@ from philora.eval import report, runner, table
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
 from philora.model.loss import TokenLoss
+from philora.preflight.command import gate
+from philora.preflight.report import size
 from philora.rundir import RunDir, plot_losses
 from philora.train import checkpoint
 from philora.train.distributed import configure, gathered_adapter, sharded
@@ -68,6 +70,11 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
     for line in data_report.describe(run.prepared, config.data, color=sys.stderr.isatty()):
         run.say(f"data: {line}")
     data.require_usable(run.prepared, config.data)
+    checked = gate(config, run.prepared)  # what `philora check` would refuse stops the run before the model loads
+    for warning in checked.warnings:
+        run.say(f"warning: {warning}")
+    if (estimate := checked.facts.get("memory")) is not None:
+        run.say(f"memory: one step needs about {size(estimate['total'])} (estimate; `philora check` itemises it)")
     run.log = MetricsLog(run.files.metrics if run.main else None, sinks)
     if run.prepared.eval:
         run.prompts = runner.prompts_and_references(run.prepared.eval.conversations)
