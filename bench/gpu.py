@@ -129,7 +129,8 @@ def main() -> None:
             run = Run(str(model_dir), str(data), args.length, args.batch, args.steps, "bfloat16", quantization, attn)
             for side in sides:
                 results.append({"mode": mode, "side": side, **spawn(__file__, side, run)})
-    peak = matmul_peak("bfloat16", device, size=8192 if device == "cuda" else 256)
+    side = 8192 if device == "cuda" else 256
+    peak = matmul_peak("bfloat16", device, (side, side, side))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     model = "tiny" if args.tiny else "Phi-3-mini"
     print(f"{name}; {model} random init; {args.batch} x {args.length} packed tokens per step, {args.steps} timed "

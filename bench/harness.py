@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,19 +30,25 @@ class Run:
     quantization: str | None = None  # 4bit = NF4 QLoRA
     attn: str = "sdpa"
     learning_rate: float = 2e-4
-    checkpoint_layers: float = 0.0  # philora only: recompute this fraction of layers (TRL recomputes them all)
+    # philora recomputes this fraction of layers in backward; TRL (all or nothing) checkpoints every layer when this
+    # is above 0 and none when it is 0, so each side runs its fastest setting that fits the same memory
+    checkpoint_layers: float = 0.0
 
     def argv(self) -> list[str]:
         return ["--run", json.dumps(asdict(self))]
 
 
-def matmul_peak(dtype_name: str, device: str = "cpu", size: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of a square matmul in this dtype on this device."""
+def matmul_peak(
+    dtype_name: str, device: str = "cpu", shape: tuple[int, int, int] = (2048, 2048, 2048), repeats: int = 10
+) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) matmul in this dtype on this device: pass a model's own shapes (tokens,
+    hidden, intermediate) for the peak its layers can reach."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    m, k, n = shape
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
     a @ b
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -51,7 +56,7 @@ def matmul_peak(dtype_name: str, device: str = "cpu", size: int = 2048, repeats:
     for _ in range(repeats):
         a @ b
     sync()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
 
 
 def rate(marks: list[tuple[float, int]]) -> float:
@@ -152,7 +157,7 @@ def run_trl(run: Run, out: Path) -> dict:
         learning_rate=run.learning_rate,
         lr_scheduler_type="constant",
         bf16=bf16,
-        gradient_checkpointing=True,
+        gradient_checkpointing=run.checkpoint_layers > 0,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1,
         save_strategy="no",
@@ -178,7 +183,9 @@ def worker(side: str, run: Run, out: Path) -> None:
 
     result = (run_philora if side == "philora" else run_trl)(run, out)
     result["tokens_per_s"] = rate(result["marks"])  # the marks stay in the result, so the rate can be checked
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from philora.hardware import resident_bytes
+
+    result["peak_rss_mb"] = resident_bytes("VmHWM") / 2**20
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)

@@ -72,3 +72,19 @@ def resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if bf16_is_fast(dev) else torch.float32
     return DTYPES[name]
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set size now (VmRSS), or its peak (VmHWM); 0 where /proc is not there.
+
+    The peak is read from /proc rather than getrusage's ru_maxrss, which Linux carries across fork and exec: a
+    process started by a large one (pytest after loading a model, a notebook) would report its parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

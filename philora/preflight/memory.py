@@ -11,13 +11,13 @@ which would keep the whole score matrix.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from philora import hardware
 from philora.config import Config
 from philora.model.loss import CHUNK, TokenLoss
 from philora.preflight.architecture import Architecture
@@ -177,14 +177,12 @@ def device_memory() -> tuple[str, int | None, int | None, int]:
     """(device, its memory, what is free now, what this process already holds that a run holds too):
     on a GPU, CUDA's figures (the process's own part is not in the allocator's peak); on a CPU, RAM and this
     process's resident size (the libraries every run imports)."""
-    from philora import hardware
-
     dev = hardware.device()
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
         return torch.cuda.get_device_name(dev), total, free, 0
     info = _meminfo()
-    rss = resident_bytes()
+    rss = hardware.resident_bytes()
     available = info.get("MemAvailable")
     return "cpu", info.get("MemTotal"), available + rss if available is not None else None, rss
 
@@ -195,12 +193,3 @@ def _meminfo() -> dict[str, int]:
             return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)}
     except OSError:
         return {}
-
-
-def resident_bytes() -> int:
-    """This process's resident set size now (0 where /proc is not there)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -68,6 +68,4 @@ def peak_memory_mb() -> float:
     """This process's peak memory so far: the GPU's allocated peak on CUDA, else the peak resident set size."""
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports kilobytes
+    return round(hardware.resident_bytes("VmHWM") / 2**20, 1)
