@@ -132,7 +132,7 @@ def estimate(config: Config, arch: Architecture) -> Estimate:
     """The peak of one training step per the config's micro-batch, length, checkpointing and quantization."""
     tc, mc = config.training_config, config.model
     batch, length = tc.per_device_train_batch_size, config.data.max_length
-    size = torch.empty((), dtype=arch.dtype, device="meta").element_size()
+    size = arch.dtype.itemsize
     model = arch.model
     adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if mc.quantization is None:
