@@ -43,6 +43,9 @@ class RunDir:
     def base_answers(self) -> Path:  # the base model's answers to the eval prompts, before training
         return self.root / "base-answers.json"
 
+    def reference(self, split: str) -> Path:  # dpo: the reference log-probabilities of the train or eval pairs
+        return self.root / f"reference-{split}.npy"
+
     @property
     def tensorboard(self) -> Path:
         return self.root / "runs"
@@ -55,7 +58,7 @@ class RunDir:
         """Every file or folder of a run that exists here (a new run into this dir would mix with them)."""
         names = [self.adapter, self.checkpoints, self.metrics, self.record, self.loss_plot,
                  *(self.root / f for f in EVAL_FILES), self.eval_output, self.lora_init, self.tensorboard,
-                 self.base_answers]  # fmt: skip
+                 self.base_answers, self.reference("train"), self.reference("eval")]  # fmt: skip
         return [p for p in names if p.exists()]
 
 

@@ -112,6 +112,18 @@ def phi3_style(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactor
 PHI3_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
+def pair_data(tmp_path: Path, tiny_data: tuple[Path, Path]) -> tuple[Path, Path]:
+    """Pairs made from the tiny data by the script that makes the shipped preference sample."""
+    from scripts.make_preference_data import pairs
+
+    paths = []
+    for source, seed in zip(tiny_data, (1, 2), strict=True):
+        path = tmp_path / f"pairs-{source.name}"
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs(read_jsonl(source), seed)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def tiny_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], **training: object) -> Path:
     settings = {
         "max_steps": 6,

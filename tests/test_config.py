@@ -57,6 +57,12 @@ def test_every_preset_is_valid(preset: str) -> None:
     if preset == "demo":
         assert model.name_or_path is None and model.quantization is None
         return
+    if preset == "demo-dpo":  # continues the demo's SFT adapter on the shipped pairs
+        assert (
+            model.name_or_path is None and model.adapter == load_config("demo").training_config.output_dir + "/adapter"
+        )
+        assert tc.method == "dpo" and data.train is None
+        return
     family, _, method = preset.rpartition("-")
     expected = {"phi3-mini-4k": ("microsoft/Phi-3-mini-4k-instruct", 4096),
                 "phi3-mini-128k": ("microsoft/Phi-3-mini-128k-instruct", 131072),

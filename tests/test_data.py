@@ -70,12 +70,15 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def per_token_losses(model, samples, rows, pad) -> tuple[torch.Tensor, ...]:
-    """Each sample's token losses alone, in `rows` packed, in one row each (padded), and TokenLoss's (sum, count)."""
+    """Each sample's token losses alone, in `rows` packed, in one row each (padded), TokenLoss's sum, and the
+    number of trained tokens the batch carries."""
     with torch.no_grad():
         alone = [token_losses(model, collate(samples, [[i]], pad)).float() for i in range(len(samples))]
         packed = token_losses(model, collate(samples, rows, pad)).float()
         padded = token_losses(model, collate(samples, one_per_row(len(samples)), pad)).float()
-        summed, count = TokenLoss(model)(**collate(samples, rows, pad))
+        batch = collate(samples, rows, pad)
+        summed, _ = TokenLoss(model)(**batch)
+        count = (batch["labels"][:, 1:] != IGNORE).sum()
     in_row_order = torch.cat([alone[i] for row in rows for i in row])
     return in_row_order, torch.cat(alone), packed, padded, summed, count
 
@@ -121,7 +124,8 @@ def test_selective_head_loss_equals_the_models_own_loss(tiny_phi3: Path, tokeniz
     sample = ChatEncoder(tokenizer).encode(GOOD["messages"])
     batch = collate([sample], [[0]], tokenizer.pad_token_id)
     with torch.no_grad():
-        ours, n = TokenLoss(model)(**batch)
+        ours, _ = TokenLoss(model)(**batch)
+        n = sample.trained
         reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours / n, reference, rtol=1e-6, atol=1e-6)
     # With the head frozen, as under LoRA, the chunked head loss runs: the same value and decoder gradients.
@@ -158,7 +162,7 @@ def test_sample_dataset_is_generated_varied_and_held_out(tokenizer) -> None:
     assert not {json.dumps(c.messages) for c in rows} & {json.dumps(c.messages) for c in held_out}
 
 
-def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_token_logprobs_equal_log_softmax_in_value_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     from philora.model import loss
 
     monkeypatch.setattr(loss, "CHUNK", 96)  # several chunks and a short last one
@@ -166,14 +170,16 @@ def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradient(monke
     hidden = torch.randn(250, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(300, 16, dtype=torch.float64)
     targets = torch.randint(0, 300, (250,))
-    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
-    chunked = loss.ChunkedHeadLoss.apply(hidden, weight, targets)
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-12)
-    (expected,) = torch.autograd.grad(full * 0.37, hidden)
-    (got,) = torch.autograd.grad(chunked * 0.37, hidden)
-    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    full = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    chunked = loss.ChunkedTokenLogprobs.apply(hidden, weight, targets)
+    assert torch.allclose(chunked, full, rtol=1e-12, atol=0)
+    # a sum (cross-entropy) and per-position weights (what a preference loss puts on them) alike
+    for weights in (torch.full((250,), -0.37, dtype=torch.float64), torch.randn(250, dtype=torch.float64)):
+        (expected,) = torch.autograd.grad((full * weights).sum(), hidden, retain_graph=True)
+        (got,) = torch.autograd.grad((loss.ChunkedTokenLogprobs.apply(hidden, weight, targets) * weights).sum(), hidden)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     with torch.no_grad():  # eval: no gradient is computed or kept
-        assert loss.ChunkedHeadLoss.apply(hidden, weight, targets).item() == pytest.approx(full.item(), rel=1e-12)
+        assert torch.allclose(loss.ChunkedTokenLogprobs.apply(hidden, weight, targets), full, rtol=1e-12, atol=0)
 
 
 def longrope_phi3(boundary: int = 32) -> torch.nn.Module:
@@ -219,8 +225,8 @@ def test_longrope_short_samples_never_share_a_batch_with_long_ones() -> None:
         mixed = token_losses(model, collate(samples, [[0, 6]], pad))
         assert not torch.allclose(mixed[: len(alone[0])], alone[0], atol=1e-2)
 
-        plan = make_plan(samples, TrainingSection(per_device_train_batch_size=2, max_steps=4), 128, True,
-                         long_after=32)  # fmt: skip
+        lengths = [len(s.input_ids) for s in samples]
+        plan = make_plan(lengths, TrainingSection(per_device_train_batch_size=2, max_steps=4), 128, True, long_after=32)
         assert {len(g) for g in plan.groups} and len(plan.groups) == 2
         seen = []
         for step in range(plan.per_epoch):

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import read_jsonl, write_yaml
+from conftest import pair_data, read_jsonl, write_yaml
 from safetensors.torch import load_file
 
 
@@ -24,19 +24,21 @@ def run(args: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "method"), [("float32", "sft"), ("bfloat16", "sft"), ("float32", "dpo")])
 def test_two_processes_match_one_with_the_same_global_batch(
-    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str, method: str
 ) -> None:
     # No dropout: its masks are drawn per process, so they could not match one process's.
+    # dpo: each process computes a share of the reference log-probabilities, and the pairs are the units.
+    data = tiny_data if method == "sft" else pair_data(tmp_path, tiny_data)
     config = write_yaml(
         tmp_path / "ddp.yaml",
         f"""
 model: {{name_or_path: {tiny_phi3}, dtype: float32}}
-data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 256}}
+data: {{train: {data[0]}, eval: {data[1]}, max_length: 256}}
 peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
 training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 0.01, logging_steps: 1,
-                   save_steps: 100, eval_strategy: steps, eval_steps: 5, seed: 7}}
+                   save_steps: 100, eval_strategy: steps, eval_steps: 5, seed: 7, method: {method}}}
 """,
     )
     bin_dir = Path(sys.executable).parent
@@ -67,11 +69,31 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
         assert all(0 < r < 0.05 for r in rel.values()) and weights > 0, (rel, weights)
 
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]
+    if method == "dpo":
+        # dpo's loss, and the weights of its gradient, are functions of reward margins: small differences of
+        # summed log-probabilities (hundreds of nats here) that each run sums in other batches. fp32 rounds such a
+        # sum at ~1e-7 of it, and a reward is beta (0.1) times it; 10x that is the bound on losses and margins.
+        rel["grad_norm"] = 1e-5
+        # Adam turns those gradient differences into weight differences far above fp32's rounding of the weights.
+        # One process summing the same global batches in halves (accumulation) drifts from `one` in the same
+        # way, with no second process involved: twice its drift bounds the two processes'.
+        run([*single, "--output", "halves", "--set", "training_config.per_device_train_batch_size=2",
+             "--set", "training_config.gradient_accumulation_steps=2"], tmp_path)  # fmt: skip
+        halves = load_file(tmp_path / "halves/adapter/adapter_model.safetensors")
+        weights = 2 * max(float((first[n] - halves[n]).abs().max()) for n in first)
+        assert 1e-6 < weights < 1e-3, weights
     for a, b in zip(one, two, strict=True):
         assert a.get("tokens") == b.get("tokens")  # the same rows in every global batch
+        prefix = "eval_" if "eval_loss" in a else ""
+        bound = 0.1 * abs(a.get(f"{prefix}logps/chosen", 0.0)) * 1e-6
         for key in keys:
-            if key in a:
+            if key in a and method == "dpo" and key != "grad_norm":
+                assert b[key] == pytest.approx(a[key], abs=bound), (a["step"], key)
+            elif key in a:
                 assert b[key] == pytest.approx(a[key], rel=rel[key]), (a["step"], key)
+        if method == "dpo":
+            margin = f"{prefix}rewards/margins"
+            assert b[margin] == pytest.approx(a[margin], abs=bound), (a["step"], margin)
 
     assert first.keys() == second.keys()
     for name in first:
@@ -203,14 +225,15 @@ def test_deepspeed_steps_once_per_accumulated_step() -> None:
         no_sync=lambda model: contextlib.nullcontext(), deepspeed_engine_wrapped=SimpleNamespace(engine=engine),
     )  # fmt: skip
 
-    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (weight * x).sum(), torch.tensor(3)
+    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (weight * x).sum(), {"seen": x.sum()}
 
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batches = [({"x": torch.full((3,), float(i))}, True) for i in range(1, 4)]
-    loss, norm = optimizer_step(loss_fn, batches, 9, accelerator, TrainingSection(max_grad_norm=1.0), optimizer,
-                                scheduler)  # fmt: skip
+    loss, norm, stats = optimizer_step(loss_fn, batches, 9, accelerator, TrainingSection(max_grad_norm=1.0),
+                                       optimizer, scheduler)  # fmt: skip
     assert [sync for sync, _ in calls] == [False, False, True]
     assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
     assert loss == 18.0 and norm == 0.5  # the summed loss; the norm the engine measured before its clipping
+    assert stats == {"seen": 18.0}  # the loss module's statistics, summed over the micro-batches

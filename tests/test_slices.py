@@ -60,8 +60,8 @@ def train_steps(model, batch: dict, steps: int = 3) -> None:
     loss_fn = TokenLoss(model)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss, n = loss_fn(**batch)
-        (loss / n).backward()
+        loss, _ = loss_fn(**batch)
+        (loss / (batch["labels"][:, 1:] != -100).sum()).backward()
         optimizer.step()
 
 

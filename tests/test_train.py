@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_config
+from conftest import pair_data, read_jsonl, tiny_config
 from safetensors.torch import load_file
 
 from philora import cli
@@ -178,9 +178,9 @@ def test_bf16_weights_train_with_fp32_adapters(tmp_path: Path, tiny_phi3: Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "method"), [("float32", "sft"), ("bfloat16", "sft"), ("float32", "dpo")])
 def test_resume_after_sigkill_is_exact(
-    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], dtype: str, method: str
 ) -> None:
     """kill -9 a real run at a seeded random step, leave a half-written checkpoint and a torn log line behind as a
     kill inside a write would, resume: the same adapter bytes and the same losses as a run never interrupted. In
@@ -195,7 +195,8 @@ def test_resume_after_sigkill_is_exact(
     import sys
     import time
 
-    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=8, save_steps=1)
+    data = tiny_data if method == "sft" else pair_data(tmp_path, tiny_data)  # dpo: reference log-probs kept too
+    path = tiny_config(tmp_path, tiny_phi3, data, predict_with_generate=False, max_steps=8, save_steps=1, method=method)
     command = [sys.executable, "-m", "philora", "train", "--config", str(path), "--set", f"model.dtype={dtype}"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     done = subprocess.run([*command, "--output", str(whole)], capture_output=True, text=True, timeout=600)
@@ -237,9 +238,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     real_step, calls = train_module.optimizer_step, []
 
     def diverging(*args: object, **kwargs: object) -> tuple:
-        loss, norm = real_step(*args, **kwargs)
+        loss, norm, stats = real_step(*args, **kwargs)
         calls.append(loss)
-        return (float("nan") if len(calls) == 3 else loss), norm
+        return (float("nan") if len(calls) == 3 else loss), norm, stats
 
     monkeypatch.setattr(train_module, "optimizer_step", diverging)
     out = tmp_path / "out"

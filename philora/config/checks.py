@@ -89,6 +89,13 @@ def check_values(config: Config, place: Callable[[str], str]) -> list[str]:
             if on:
                 problems.append(f"{place('training_config.' + key)}: training_config.{key}: needs eval data; "
                                 "set data.eval to a file or a fraction of train")  # fmt: skip
+    types = [t.loss_type] if isinstance(t.loss_type, str) else t.loss_type
+    if t.loss_weights is not None and len(t.loss_weights) != len(types):
+        problems.append(f"{place('training_config.loss_weights')}: training_config.loss_weights: {len(t.loss_weights)} "
+                        f"weights for {len(types)} loss types; give one weight per loss_type")  # fmt: skip
+    if t.loss_type != "sigmoid" and t.method != "dpo":
+        problems.append(f"{place('training_config.loss_type')}: training_config.loss_type: {t.loss_type!r} is "
+                        f"a dpo loss, and method is {t.method}; set method: dpo, or remove loss_type")  # fmt: skip
     if d.train is None and isinstance(d.eval, float):
         problems.append(f"{place('data.eval')}: data.eval: a fraction needs data.train; the sample dataset has "
                         "its own eval split")  # fmt: skip

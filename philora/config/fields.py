@@ -44,6 +44,12 @@ class ModelSection:
     quantization: Literal["4bit", "8bit"] | None = doc(
         None, "load the base quantised with bitsandbytes for QLoRA: 4bit = NF4, double quant, bf16 compute"
     )
+    adapter: str | None = doc(
+        None,
+        "start from this trained LoRA adapter (a philora run or adapter dir, or any PEFT adapter dir) and go on "
+        "training it; its own LoRA settings (r, alpha, dropout, targets) replace peft_config's. With dpo, the "
+        "adapter on the base is also the frozen reference",
+    )
 
 
 @dataclass
@@ -59,10 +65,11 @@ class DataSection:
         check=lambda v: not isinstance(v, float) or 0 < v <= 0.5,
         fix="a held-out fraction must be in (0, 0.5]",
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = doc(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text"] = doc(
         "auto",
         "row format, auto = detected per source from the first row's keys: messages (OpenAI chat), sharegpt "
-        "(conversations from/value), alpaca (instruction/input/output), prompt_completion, text (no template)",
+        "(conversations from/value), alpaca (instruction/input/output), prompt_completion, preference (prompt/"
+        "chosen/rejected pairs, for dpo and orpo), text (no template)",
     )
     columns: dict[str, str] | None = doc(
         None,
@@ -78,7 +85,8 @@ class DataSection:
     overlong: Literal["drop", "truncate", "split"] = doc(
         "truncate",
         "a conversation longer than max_length is dropped, truncated after the last answer that fits, or split "
-        "at user turns into several (the system prompt repeated); every one is counted in the report",
+        "at user turns into several (the system prompt repeated); every one is counted in the report. A preference "
+        "pair is kept whole or dropped with drop, else each side is truncated (never split)",
     )
     packing: bool = doc(True, "pack conversations into rows of max_length; attention never crosses them")
     train_on: Literal["assistant", "last_assistant", "all"] = doc(
@@ -142,6 +150,33 @@ class PeftSection:
 
 @dataclass
 class TrainingSection:
+    method: Literal["sft", "dpo", "orpo"] = doc(
+        "sft",
+        "sft = cross-entropy on the answers; dpo = direct preference optimisation against a frozen reference "
+        "(the model as training starts); orpo = reference-free odds-ratio preference loss plus NLL on the chosen "
+        "answers. dpo and orpo train on preference data (prompt, chosen, rejected)",
+    )
+    beta: float = doc(
+        0.1,
+        "dpo: the strength of the pull towards the reference (TRL's beta); orpo: the weight of the odds-ratio term "
+        "(the paper's lambda, TRL's beta)",
+        check=lambda v: v > 0,
+        fix="use a positive value (0.1 is usual)",
+    )
+    loss_type: str | list[str] = doc(
+        "sigmoid",
+        "dpo's loss, as TRL names them: sigmoid (the DPO paper), hinge (SLiC), ipo (IPO, on per-token average "
+        "log-ratios), sft (NLL of the chosen answers); a list adds several, weighted by loss_weights "
+        "([sigmoid, sft] is RPO, which keeps the chosen answers likely)",
+        check=lambda v: bool(v) and set([v] if isinstance(v, str) else v) <= {"sigmoid", "hinge", "ipo", "sft"},
+        fix="use sigmoid, hinge, ipo, sft, or a list of them",
+    )
+    loss_weights: list[float] | None = doc(
+        None,
+        "dpo: the weight of each loss_type in the list (null = 1 each)",
+        check=lambda v: v is None or len(v) > 0,
+        fix="give one weight per loss_type, or null",
+    )
     output_dir: str = doc("out", "where adapter/, checkpoints/, metrics.jsonl, run.json and loss.png go")
     overwrite_output_dir: bool = doc(False, "allow writing over a finished run in output_dir")
     seed: int = doc(42, "seed for LoRA init, data order and dropout")
@@ -282,6 +317,17 @@ NOT_HONOURED = {
         "disable_tqdm",
         "do_train",
         "do_predict",
+        # TRL's DPOConfig / ORPOConfig (philora always precomputes dpo's reference log-probabilities)
+        "label_smoothing",
+        "rpo_alpha",
+        "reference_free",
+        "precompute_ref_log_probs",
+        "max_prompt_length",
+        "max_completion_length",
+        "sync_ref_model",
+        "f_divergence_type",
+        "use_weighting",
+        "ld_alpha",
     },
 }
 

@@ -12,7 +12,15 @@ from typing import Any
 from philora.config import DataSection
 from philora.data import cache
 from philora.data.encode import Outcome, encode_all
-from philora.data.formats import Columns, Conversation, RowProblem, check_columns, detect, to_conversation
+from philora.data.formats import (
+    EXAMPLES,
+    Columns,
+    Conversation,
+    RowProblem,
+    check_columns,
+    detect,
+    to_conversation,
+)
 from philora.data.render import ChatEncoder, Sample
 from philora.data.sources import read_source
 from philora.errors import UserError, first_problems
@@ -52,8 +60,19 @@ class Split:
     def samples(self) -> list[Sample]:
         return [s for r in self.records for s in r.outcome.samples]
 
+    @property
+    def pairs(self) -> list[tuple[Sample, Sample]]:
+        """The (chosen, rejected) samples of the preference pairs."""
+        return [(r.outcome.samples[0], r.outcome.samples[1]) for r in self.records
+                if r.conversation.rejected is not None and r.outcome.samples]  # fmt: skip
+
     def count(self, fit: str) -> int:
         return sum(r.outcome.fit == fit for r in self.records)
+
+    def kinds(self) -> tuple[list[Record], list[Record]]:
+        """(preference pairs, conversations) among the records."""
+        pairs = [r for r in self.records if r.conversation.rejected is not None]
+        return pairs, [r for r in self.records if r.conversation.rejected is None]
 
 
 @dataclass
@@ -70,11 +89,13 @@ class PreparedData:
         return hashlib.sha256("".join(s.digest for s in self.sources).encode()).hexdigest()
 
 
-def source_specs(dc: DataSection) -> tuple[str, str | None]:
-    """The train source and the eval source (None when eval is absent or a fraction of train)."""
+def source_specs(dc: DataSection, method: str = "sft") -> tuple[str, str | None]:
+    """The train source and the eval source (None when eval is absent or a fraction of train). Without
+    data.train, the sample dataset: its conversations for sft, its preference pairs for dpo and orpo."""
     if dc.train is None:
-        sample_eval = str(SAMPLE_DIR / "eval.jsonl")
-        return str(SAMPLE_DIR / "train.jsonl"), dc.eval if isinstance(dc.eval, str) else sample_eval
+        prefix = "" if method == "sft" else "preference-"
+        sample_eval = str(SAMPLE_DIR / f"{prefix}eval.jsonl")
+        return str(SAMPLE_DIR / f"{prefix}train.jsonl"), dc.eval if isinstance(dc.eval, str) else sample_eval
     return dc.train, dc.eval if isinstance(dc.eval, str) else None
 
 
@@ -120,10 +141,10 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
     return SourceData(spec, described, len(rows), records, problems, digest, from_cache, untrained)
 
 
-def prepare(dc: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+def prepare(dc: DataSection, tokenizer: Any, seed: int, method: str = "sft") -> PreparedData:
     """Train and eval data, every rejected row in `problems`; `require_usable` decides whether they stop the run."""
     encoder = ChatEncoder(tokenizer)
-    train_spec, eval_spec = source_specs(dc)
+    train_spec, eval_spec = source_specs(dc, method)
     sources = [load_source(train_spec, "train", dc, encoder)]
     train_records = sources[0].records
     eval_records = None
@@ -142,12 +163,27 @@ def prepare(dc: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     return PreparedData(Split(train_records), evals, encoder, sources, problems)
 
 
-def require_usable(prepared: PreparedData, dc: DataSection) -> None:
-    """Stop on bad rows (unless on_bad_row is skip) and on training data with nothing to train on."""
+def require_usable(prepared: PreparedData, dc: DataSection, method: str = "sft") -> None:
+    """Stop on bad rows (unless on_bad_row is skip), on training data with nothing to train on, and on data
+    of the wrong kind for the method: preference pairs for dpo and orpo, conversations for sft."""
     if prepared.problems and dc.on_bad_row == "error":
         raise UserError(*problem_lines(prepared.problems))
     if not prepared.train.samples:
         raise UserError(f"data.train: {prepared.sources[0].name}: no usable conversations")
+    for name, split in (("train", prepared.train), ("eval", prepared.eval)):
+        if split is None:
+            continue
+        pairs, singles = split.kinds()
+        if method == "sft" and pairs:
+            raise UserError(
+                f"data.{name}: {pairs[0].conversation.source}: a preference pair (chosen/rejected); sft trains on "
+                "conversations: set training_config.method: dpo or orpo to learn from pairs"
+            )
+        if method != "sft" and singles:
+            raise UserError(
+                f"data.{name}: {singles[0].conversation.source}: not a preference pair ({len(singles)} such rows); "
+                f"training_config.method: {method} learns from rows like {EXAMPLES['preference']}"
+            )
 
 
 def problem_lines(problems: list[str]) -> list[str]:

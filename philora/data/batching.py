@@ -63,14 +63,19 @@ def one_per_row(n: int) -> list[Row]:
     return [[i] for i in range(n)]
 
 
-def collate(samples: Sequence[Sample], rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    samples: Sequence[Sample], rows: Sequence[Row], pad_id: int, numbered: bool = False
+) -> dict[str, torch.Tensor]:
     """Tensors for a batch of rows, right-padded to the longest row. Padding positions count up to the longest
-    sample's length and restart, so the batch's largest position is a real sample's (see longrope above)."""
+    sample's length and restart, so the batch's largest position is a real sample's (see longrope above).
+    `numbered` adds `sequence`: the samples numbered in row order, per position (0 on padding)."""
     width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
     longest = max(len(samples[i].input_ids) for row in rows for i in row)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
     positions = np.empty((len(rows), width), dtype=np.int64)
+    sequence = np.zeros((len(rows), width), dtype=np.int64)
+    number = 0
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -78,10 +83,14 @@ def collate(samples: Sequence[Sample], rows: Sequence[Row], pad_id: int) -> dict
             ids[r, at : at + n] = samples[i].input_ids
             labels[r, at : at + n] = samples[i].labels
             positions[r, at : at + n] = np.arange(n)
-            at += n
+            sequence[r, at : at + n] = number
+            at, number = at + n, number + 1
         positions[r, at:] = np.arange(width - at) % longest
-    return {
+    batch = {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
     }
+    if numbered:
+        batch["sequence"] = torch.from_numpy(sequence)
+    return batch

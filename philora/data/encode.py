@@ -73,15 +73,38 @@ _WORK: tuple[ChatEncoder, tuple[str, int, str]] | None = None
 def _encode_chunk(chunk: Sequence[Conversation]) -> list[Outcome]:
     assert _WORK is not None
     encoder, (train_on, max_length, overlong) = _WORK
+    singles = iter(encoder.encode_many([row for row in chunk if row.rejected is None], train_on))
+    # A pair's two sides are scored on their last answer alone, whatever train_on says.
+    sides = [Conversation(row.source, messages=side) for row in chunk if row.rejected is not None for side in row.sides]
+    paired = iter(encoder.encode_many(sides, "last_assistant"))
     outcomes = []
-    for row, result in zip(chunk, encoder.encode_many(list(chunk), train_on), strict=True):
+    for row in chunk:
         try:
+            if row.rejected is not None:
+                outcomes.append(fit_pair((next(paired), next(paired)), max_length, overlong))
+                continue
+            result = next(singles)
             if isinstance(result, RowProblem):
                 raise result
             outcomes.append(fit_length(row, result, encoder, train_on, max_length, overlong))
         except RowProblem as e:
             outcomes.append(Outcome(fit="untrained" if isinstance(e, NothingToTrain) else "rejected", problem=str(e)))
     return outcomes
+
+
+def fit_pair(sides: tuple[Sample | RowProblem, Sample | RowProblem], max_length: int, overlong: str) -> Outcome:
+    """A preference pair's two samples (chosen, rejected), each cut to max_length unless overlong is drop; the
+    pair is dropped whole when either side cannot keep a trained token."""
+    for name, side in zip(("chosen", "rejected"), sides, strict=True):
+        if isinstance(side, RowProblem):
+            raise type(side)(f"{name}: {side}")
+    samples = [s for s in sides if isinstance(s, Sample)]
+    if all(len(s.input_ids) <= max_length for s in samples):
+        return Outcome(samples)
+    cut = [truncate(s, max_length) if len(s.input_ids) > max_length else s for s in samples]
+    if overlong == "drop" or any(c is None for c in cut):
+        return Outcome(fit="dropped")
+    return Outcome([c for c in cut if c is not None], "truncated")
 
 
 @contextmanager

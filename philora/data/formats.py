@@ -7,6 +7,10 @@ Formats (field names can be remapped with `data.columns`, e.g. `{prompt: questio
   the user turn is the instruction, then a blank line and the input when there is one
 - prompt_completion: `{"prompt": ..., "completion": ...}`, each a string (one user / one assistant message) or a
   list of messages; only the completion is trained
+- preference: `{"prompt": ..., "chosen": ..., "rejected": ...}`, the prompt a string or a list of messages, each
+  answer a string or a list holding one assistant message; or `{"chosen": [messages], "rejected": [messages]}`,
+  two conversations that differ only in their last (assistant) message. For dpo and orpo: the chosen answer is
+  the conversation's, the rejected one is kept beside it
 - text: `{"text": "..."}`, plain text trained on every token, no chat template
 """
 
@@ -19,15 +23,17 @@ from typing import Any
 from philora.data.sources import BadRow, Part
 from philora.errors import UserError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
 REQUIRED = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
+    "preference": ("chosen", "rejected"),
     "text": ("text",),
 }
 LIST_FIELDS = ("messages", "conversations", "history")
+EITHER_FIELDS = ("prompt", "completion", "chosen", "rejected")  # a string or a list of messages
 FIELDS = (
     *{f for fields in REQUIRED.values() for f in fields},
     "input",
@@ -53,6 +59,7 @@ EXAMPLES = {
     "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
     "alpaca": '{"instruction": "...", "input": "", "output": "..."}',
     "prompt_completion": '{"prompt": "...", "completion": "..."}',
+    "preference": '{"prompt": "...", "chosen": "...", "rejected": "..."}',
     "text": '{"text": "..."}',
 }
 
@@ -69,6 +76,13 @@ class Conversation:
     source: str  # file:line
     messages: list[dict[str, Any]] | None = None  # role, content, and train: false where an answer is not trained
     text: str | None = None  # the text format: no template, every token trained
+    rejected: dict[str, Any] | None = None  # a preference pair: the rejected answer instead of messages[-1]
+
+    @property
+    def sides(self) -> list[list[dict[str, Any]]]:
+        """The conversations to encode: the row's, and for a preference pair also the rejected one."""
+        assert self.messages is not None
+        return [self.messages] if self.rejected is None else [self.messages, [*self.messages[:-1], self.rejected]]
 
 
 class Columns:
@@ -117,7 +131,7 @@ def check_columns(part: Part, fmt: str, columns: Columns) -> None:
         )
     for name in (*REQUIRED[fmt], "input", "system", "history"):
         kind = part.columns.get(columns[name])
-        wanted = ("list", "string") if name in LIST_FIELDS or fmt == "prompt_completion" else ("string",)
+        wanted = ("list", "string") if name in LIST_FIELDS or name in EITHER_FIELDS else ("string",)
         if kind is not None and kind not in wanted and kind != "null":
             what = "a list of messages (or JSON text of one)" if "list" in wanted else "text"
             raise UserError(f"{part.name}: column {columns[name]!r} holds {kind}; the {fmt} format needs {what}")
@@ -135,6 +149,8 @@ def to_conversation(value: Any, where: str, fmt: str, columns: Columns) -> Conve
             raise RowProblem(f"no {columns[name]!r} key (keys: {keys}); expected {EXAMPLES[fmt]}")
     if fmt == "text":
         return Conversation(where, text=_text(value, columns["text"], allow_blank=False))
+    if fmt == "preference":
+        return _preference(value, where, columns)
     messages = {
         "messages": _messages,
         "sharegpt": _sharegpt,
@@ -237,19 +253,68 @@ def _alpaca(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
 
 
 def _prompt_completion(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
-    prompt_key, completion_key = columns["prompt"], columns["completion"]
-    if isinstance(row[prompt_key], str) and not row[prompt_key].lstrip().startswith("["):
-        prompt = [{"role": "user", "content": _text(row, prompt_key, allow_blank=False)}]
-    else:
-        given = _messages(row, columns, "prompt", EITHER)
-        prompt = [{**m, "train": False} if m["role"] == "assistant" else m for m in given]
-    if isinstance(row[completion_key], str) and not row[completion_key].lstrip().startswith("["):
-        completion = [{"role": "assistant", "content": _text(row, completion_key, allow_blank=False)}]
-    else:
-        completion = _messages(row, columns, "completion", EITHER)
-        if any(m["role"] != "assistant" for m in completion):
-            raise RowProblem(f"{completion_key!r} may only hold assistant messages; move the others into the prompt")
-    return prompt + completion
+    return _prompt(row, columns) + _answer(row, columns, "completion")
+
+
+def _answer(row: dict[str, Any], columns: Columns, key: str) -> list[dict[str, Any]]:
+    """A prompt_completion or preference answer: a string, or a list of assistant messages."""
+    field = columns[key]
+    if _plain_text(row[field]):
+        return [{"role": "assistant", "content": _text(row, field, allow_blank=False)}]
+    answer = _messages(row, columns, key, EITHER)
+    if any(m["role"] != "assistant" for m in answer):
+        raise RowProblem(f"{field!r} may only hold assistant messages; move the others into the prompt")
+    return answer
+
+
+def _plain_text(value: Any) -> bool:
+    """A string that is text, not the JSON of a message list (which CSV cells and string columns hold)."""
+    if not isinstance(value, str):
+        return False
+    if not value.lstrip().startswith("["):
+        return True
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return True  # text that happens to start with "["
+    return not (isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed))
+
+
+def _preference(row: dict[str, Any], where: str, columns: Columns) -> Conversation:
+    """A pair: the prompt with the chosen answer as the conversation, and the rejected answer beside it."""
+    chosen_key, rejected_key, prompt_key = columns["chosen"], columns["rejected"], columns["prompt"]
+    if prompt_key in row:
+        prompt = _prompt(row, columns)
+        chosen, rejected = _answer(row, columns, "chosen"), _answer(row, columns, "rejected")
+        for key, answer in ((chosen_key, chosen), (rejected_key, rejected)):
+            if len(answer) != 1:
+                raise RowProblem(f"{key!r} holds {len(answer)} messages; give the one final assistant answer")
+    else:  # two whole conversations with a shared prefix
+        chosen, rejected = _messages(row, columns, "chosen"), _messages(row, columns, "rejected")
+        prompt = chosen[:-1]
+        for key, side in ((chosen_key, chosen), (rejected_key, rejected)):
+            if side[-1]["role"] != "assistant":
+                raise RowProblem(f"{key!r} must end with the assistant answer being compared")
+        if rejected[:-1] != prompt:
+            at = next((i for i, (a, b) in enumerate(zip(prompt, rejected[:-1], strict=False)) if a != b), None)
+            where_differs = f"at message {at}" if at is not None else "in length"
+            raise RowProblem(
+                f"{chosen_key!r} and {rejected_key!r} differ {where_differs} before their last message; a pair "
+                "compares two answers to one prompt, so everything before the answers must be the same"
+            )
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise RowProblem(f"{chosen_key!r} and {rejected_key!r} are the same answer; a pair needs two different ones")
+    messages = [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt] + chosen[-1:]
+    check_turns(messages, "prompt")
+    return Conversation(where, messages=messages, rejected=rejected[-1])
+
+
+def _prompt(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+    """A prompt_completion or preference prompt: a string (one user message) or a list of messages."""
+    key = columns["prompt"]
+    if _plain_text(row[key]):
+        return [{"role": "user", "content": _text(row, key, allow_blank=False)}]
+    return [{**m, "train": False} if m["role"] == "assistant" else m for m in _messages(row, columns, "prompt", EITHER)]
 
 
 def check_turns(messages: list[dict[str, Any]], field: str = "messages") -> None:

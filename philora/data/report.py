@@ -49,6 +49,21 @@ def split_stats(split: Split, max_length: int) -> dict[str, Any]:
         "truncated": split.count("truncated"),
         "split": split.count("split"),
         "dropped_overlong": split.count("dropped"),
+        **({"pairs": pair_stats(split)} if split.pairs else {}),
+    }
+
+
+def pair_stats(split: Split) -> dict[str, Any]:
+    """Preference pairs: how many, their answers' scored tokens, and how often the chosen answer is the longer and
+    the shorter one (a preference a model can learn from length alone)."""
+    pairs = split.pairs
+    chosen, rejected = sorted(c.trained for c, _ in pairs), sorted(r.trained for _, r in pairs)
+    return {
+        "count": len(pairs),
+        "chosen_answer_tokens": {"p50": percentile(chosen, 0.5), "max": chosen[-1]},
+        "rejected_answer_tokens": {"p50": percentile(rejected, 0.5), "max": rejected[-1]},
+        "chosen_longer": round(sum(c.trained > r.trained for c, r in pairs) / len(pairs), 4),
+        "chosen_shorter": round(sum(c.trained < r.trained for c, r in pairs) / len(pairs), 4),
     }
 
 
@@ -80,6 +95,13 @@ def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str
         f"{name}: longer than max_length (data.overlong: {overlong}): {stats['truncated']} truncated,"
         f" {stats['split']} split, {stats['dropped_overlong']} dropped",
     ]
+    if pairs := stats.get("pairs"):
+        chosen, rejected = pairs["chosen_answer_tokens"], pairs["rejected_answer_tokens"]
+        lines.append(
+            f"{name}: {pairs['count']:,} preference pairs; scored answer tokens p50 {chosen['p50']} chosen, "
+            f"{rejected['p50']} rejected; the chosen answer is longer in {100 * pairs['chosen_longer']:.0f}%, shorter "
+            f"in {100 * pairs['chosen_shorter']:.0f}% (a lopsided split is a preference for length a model can learn)"
+        )
     peak = max((c for _, _, c in stats["histogram"]), default=0) or 1
     digits = len(str(max_length))
     for lo, hi, count in stats["histogram"]:

@@ -10,7 +10,6 @@ what `philora train` recorded. The model loads once; the base answers with the a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from philora.data import Split, load_source, prepare, source_specs
 from philora.data.render import ChatEncoder
 from philora.errors import UserError, first_problems
 from philora.eval import report, runner, table
-from philora.infer.adapters import Adapter, autocast, known_fields, load, read_adapter
+from philora.infer.adapters import Adapter, autocast, known_fields, load, read_adapter, read_run_config
+from philora.model.preference import PairBatches, PreferenceLoss
 from philora.rundir import RunDir
 
 DEFAULT_BATCH_SIZE = 16  # for adapters without a run.json
@@ -58,23 +58,49 @@ def main(args: argparse.Namespace) -> int:
         "limit": limit,
         "data_settings": {k: getattr(dc, k) for k in ("format", "columns", "max_length", "overlong", "train_on")},
     }
-    model, _ = load([adapter], args.model, args.dtype)
+    # a dpo run that started from model.adapter measures its rewards against that adapter: load it beside
+    start = (run or {}).get("model", {}).get("adapter") if tc.get("method") == "dpo" and split.pairs else None
+    loaded = [adapter] + ([read_adapter(start, "start")] if start else [])
+    model, _ = load(loaded, args.model, args.dtype)
     with autocast(adapter if args.dtype is None else None):  # the run's own arithmetic, for the run's numbers
         evaluation = runner.evaluate_model(
             model,
             encoder,
-            split.samples,
+            [chosen for chosen, _ in split.pairs] or split.samples,  # a pair's loss is its chosen answer's
             runner.prompts_and_references(split.conversations),
             batch_size=batch_size,
             max_new_tokens=max_new,
             base=not args.no_base,
             settings=settings,
         )
+        if split.pairs:
+            pairs = PairBatches(split.pairs, encoder.tokenizer.pad_token_id, 2 * dc.max_length)
+            evaluation["preference"] = preference(model, pairs, tc, batch_size, start)
+            print(f"philora: held-out pairs ({len(split.pairs)}): reward accuracy "
+                  f"{100 * evaluation['preference']['rewards/accuracies']:.1f}%, reward margin "
+                  f"{evaluation['preference']['rewards/margins']:.3f}", file=sys.stderr)  # fmt: skip
     out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
     report.write_results(out, evaluation, adapter.path.parent if run else None)
     print(table.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: wrote eval.json, eval.md and report.html to {out}", file=sys.stderr)
     return 0
+
+
+def preference(model: Any, pairs: PairBatches, tc: dict[str, Any], batch_size: int, start: str | None
+               ) -> dict[str, Any]:  # fmt: skip
+    """The run's preference loss and reward statistics on the pairs, averaged per pair. dpo's reference is the
+    model the run started from: the base (the adapter disabled), or the base with the run's model.adapter."""
+    method = tc.get("method") if tc.get("method") in ("dpo", "orpo") else "dpo"
+    loss = PreferenceLoss(model, method, tc.get("beta", 0.1), tc.get("loss_type", "sigmoid"), tc.get("loss_weights"))
+    if method == "dpo":
+        if start:
+            model.set_adapter("start")
+            pairs.reference = pairs.sequence_logprobs(loss, batch_size)
+            model.set_adapter("default")
+        else:
+            with model.disable_adapter():
+                pairs.reference = pairs.sequence_logprobs(loss, batch_size)
+    return {"method": method, "pairs": len(pairs.pairs), **pairs.evaluate(loss, batch_size)}
 
 
 def _positive(flag: str, value: int | None, default: int | None) -> int | None:
@@ -83,12 +109,6 @@ def _positive(flag: str, value: int | None, default: int | None) -> int | None:
     if value < 1:
         raise UserError(f"{flag} {value}: must be at least 1")
     return value
-
-
-def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
-    """The config the adapter was trained with, when it sits in a philora run dir."""
-    run_file = RunDir(adapter.path.parent).record
-    return json.loads(run_file.read_text())["config"] if run_file.is_file() else None
 
 
 def data_section(run: dict[str, Any] | None) -> DataSection:
@@ -113,12 +133,14 @@ def eval_split(
         raise UserError(f"--adapter {adapter.path}: no run.json beside it to name its eval data; pass --data FILE")
     if isinstance(dc.eval, float):  # a seeded fraction of train, re-drawn exactly as the run drew it
         try:
-            prepared = prepare(dc, encoder.tokenizer, run["training_config"]["seed"])
+            prepared = prepare(
+                dc, encoder.tokenizer, run["training_config"]["seed"], run["training_config"].get("method", "sft")
+            )
         except UserError as e:
             raise UserError(*(f"the run's data.train: {p}; pass --data FILE" for p in e.problems)) from None
         assert prepared.eval is not None
         return prepared.eval, f"{dc.eval:g} of {dc.train} (held out with seed {run['training_config']['seed']})"
-    _, spec = source_specs(dc)
+    _, spec = source_specs(dc, run.get("training_config", {}).get("method", "sft"))
     if spec is None:
         raise UserError(f"--adapter {adapter.path}: its run had no eval data (data.eval: null); pass --data FILE")
     split = read_split(spec, "the run's data.eval", dc, encoder)

@@ -36,8 +36,8 @@ def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: i
         for start in range(0, len(group), batch_size):
             batch_samples = [samples[i] for i in group[start : start + batch_size]]
             batch = collate(batch_samples, one_per_row(len(batch_samples)), pad_id)
-            loss, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-            total, count = total + loss.item(), count + int(n)
+            loss, _ = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+            total, count = total + loss.item(), count + sum(s.trained for s in batch_samples)
     loss_fn.train(was_training)
     return total / max(count, 1)
 

@@ -56,6 +56,12 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
     return Adapter(name, path, ModelSection(name_or_path=base))
 
 
+def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
+    """The config the adapter was trained with, when it sits in a philora run dir."""
+    run_file = RunDir(adapter.path.parent).record
+    return json.loads(run_file.read_text())["config"] if run_file.is_file() else None
+
+
 def known_fields(cls: Any, values: dict[str, Any]) -> Any:
     """`cls(**values)` without the keys `cls` does not have (a record written by another philora version)."""
     known = {f.name for f in dataclasses.fields(cls)}

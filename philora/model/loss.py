@@ -4,9 +4,10 @@ A causal LM's forward computes logits for every position, a (tokens x vocabulary
 and costs a large share of the FLOPs on small models. Only positions whose next token is trained need logits,
 so the loss runs the decoder, picks those hidden states, and applies the LM head to them alone.
 
-Even those logits are never held whole: `ChunkedHeadLoss` runs the head and the cross-entropy CHUNK positions
-at a time and, since the loss is a plain sum, computes each chunk's gradient with respect to the hidden states
-right away (softmax minus one-hot, times the head's weight). Backward then only scales what forward stored, so
+Even those logits are never held whole: `ChunkedTokenLogprobs` runs the head and the log-softmax CHUNK
+positions at a time and computes each position's gradient with respect to its hidden state right away (one-hot
+minus softmax, times the head's weight). Whatever the loss does with the log-probabilities (a sum for
+cross-entropy, per-sequence weights for DPO), backward then only scales what forward stored per position, so
 peak memory holds one chunk's logits instead of every trained position's logits, softmax and gradient, at no
 extra compute. A head that is itself trained (`modules_to_save: [lm_head]`) takes the plain path.
 """
@@ -23,30 +24,33 @@ from philora.data.render import IGNORE
 CHUNK = 1024  # positions per head + cross-entropy chunk: (CHUNK x vocabulary) floats live at a time
 
 
-class ChunkedHeadLoss(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, targets)) without materialising all logits; gradient for hidden only."""
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[targets] per position, without materialising all logits; gradient for
+    hidden only. The loss of `TokenLoss` is minus their sum; preference losses weigh them per sequence."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         precision = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in fp32 at least
-        total = torch.zeros((), dtype=precision, device=hidden.device)
+        out = torch.empty(hidden.shape[0], dtype=precision, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], CHUNK):
             h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
             logits = (h @ weight.T).to(precision)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is not None:  # d loss / d logits = softmax - one_hot, reusing the logits' memory
+            out[start : start + CHUNK] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if grad is not None:  # d logp / d logits = one_hot - softmax, reusing the logits' memory
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight
+                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight  # minus d logp / d hidden
         ctx.save_for_backward(grad)
-        return total
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype) if grad is not None else None), None, None
+        if grad is None:
+            return None, None, None
+        return grad * -grad_output.to(grad.dtype)[:, None], None, None
 
 
 def _selective_head_ok(model: Any) -> bool:
@@ -61,7 +65,7 @@ def _selective_head_ok(model: Any) -> bool:
 
 
 class TokenLoss(torch.nn.Module):
-    """Wraps a causal LM (or a peft model of one); forward returns (summed loss, number of trained tokens).
+    """Wraps a causal LM (or a peft model of one); forward returns (summed loss, statistics to log: none here).
 
     Summing rather than averaging lets the loop divide by the token count of a whole optimizer step, so every
     trained token weighs the same however the step is split into micro-batches.
@@ -81,13 +85,25 @@ class TokenLoss(torch.nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs, _ = self.token_logprobs(input_ids, labels, position_ids)
+        return -logprobs.sum(), {}
+
+    def token_logprobs(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each trained next token, in at least fp32; the (batch, length - 1) mask of
+        where they are)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
         if not self.selective:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-            return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), keep.sum()
+            return _gathered(logits[:, :-1][keep], targets[keep]), keep
         hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0][:, :-1][keep]
         if self.chunked:
-            return ChunkedHeadLoss.apply(hidden, self.head.weight, targets[keep]), keep.sum()
-        return F.cross_entropy(self.head(hidden).float(), targets[keep], reduction="sum"), keep.sum()
+            return ChunkedTokenLogprobs.apply(hidden, self.head.weight, targets[keep]), keep
+        return _gathered(self.head(hidden), targets[keep]), keep
+
+
+def _gathered(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits.float(), targets, reduction="none")

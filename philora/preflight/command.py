@@ -24,11 +24,11 @@ def check(config: Config, measure: Callable[[Config, data.PreparedData, Report],
     report = Report()
     report.add("config", "ok (every field checked)")
     tokenizer = load_tokenizer(config.model)
-    prepared = data.prepare(config.data, tokenizer, config.training_config.seed)
+    prepared = data.prepare(config.data, tokenizer, config.training_config.seed, config.training_config.method)
     report.add("data", *data_report.describe(prepared, config.data, color=sys.stdout.isatty() and not as_json))
     report.facts["data"] = data_report.as_record(prepared, config.data)
     try:
-        data.require_usable(prepared, config.data)
+        data.require_usable(prepared, config.data, config.training_config.method)
     except UserError as e:
         report.errors += e.problems
     inspect(config, prepared, report)

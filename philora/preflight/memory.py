@@ -131,7 +131,8 @@ def saved_for_backward(arch: Architecture, batch: int, length: int, packed: bool
 def estimate(config: Config, arch: Architecture) -> Estimate:
     """The peak of one training step per the config's micro-batch, length, checkpointing and quantization."""
     tc, mc = config.training_config, config.model
-    batch, length = tc.per_device_train_batch_size, config.data.max_length
+    # a preference pair's two sides share a row: up to twice max_length
+    batch, length = tc.per_device_train_batch_size, config.data.max_length * (1 if tc.method == "sft" else 2)
     size = arch.dtype.itemsize
     model = arch.model
     adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

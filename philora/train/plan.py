@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from philora import data
 from philora.config import TrainingSection
 from philora.data.batching import Row, length_groups, one_per_row, pack
 
@@ -76,11 +75,11 @@ class Plan:
         return steps * self.accumulation // self.per_epoch > (steps - 1) * self.accumulation // self.per_epoch
 
 
-def make_plan(samples: list[data.Sample], tc: TrainingSection, max_length: int, packing: bool, world: int = 1,
+def make_plan(lengths: list[int], tc: TrainingSection, max_length: int, packing: bool, world: int = 1,
               rank: int = 0, long_after: int | None = None) -> Plan:  # fmt: skip
-    """The run's plan; `long_after` is a longrope model's original context, whose two sides never share a batch."""
-    lengths = [len(s.input_ids) for s in samples]
-    rows = pack(lengths, max_length, long_after) if packing else one_per_row(len(samples))
+    """The run's plan over units of these token lengths (samples, or preference pairs); `long_after` is a
+    longrope model's original context, whose two sides never share a batch."""
+    rows = pack(lengths, max_length, long_after) if packing else one_per_row(len(lengths))
     longest = [max(lengths[i] for i in row) for row in rows]
     groups = length_groups(longest, long_after) if long_after is not None else None
     plan = Plan(rows, tc.per_device_train_batch_size, tc.gradient_accumulation_steps, 0, tc.seed, world, rank,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from philora import data, hardware
@@ -24,9 +25,10 @@ from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
 from philora.errors import UserError
 from philora.eval import report, runner, table
-from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora
+from philora.infer.adapters import read_adapter, read_run_config
+from philora.lora import slices
+from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
-from philora.model.loss import TokenLoss
 from philora.preflight.command import gate
 from philora.preflight.report import size
 from philora.rundir import RunDir, plot_losses
@@ -34,6 +36,7 @@ from philora.train import checkpoint
 from philora.train.distributed import configure, gathered_adapter, sharded
 from philora.train.loop import loop
 from philora.train.metrics import MetricsLog, reporters
+from philora.train.objective import make_objective, reference_logprobs, save_reference
 from philora.train.plan import make_plan
 from philora.train.record import write_run_record
 from philora.train.state import Progress, Run
@@ -66,10 +69,10 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         # Reporters before the slow parts, so a missing package fails early.
         sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if run.main else []
         run.tokenizer = load_tokenizer(config.model)
-        run.prepared = data.prepare(config.data, run.tokenizer, tc.seed)
+        run.prepared = data.prepare(config.data, run.tokenizer, tc.seed, tc.method)
     for line in data_report.describe(run.prepared, config.data, color=sys.stderr.isatty()):
         run.say(f"data: {line}")
-    data.require_usable(run.prepared, config.data)
+    data.require_usable(run.prepared, config.data, tc.method)
     checked = gate(config, run.prepared)  # what `philora check` would refuse stops the run before the model loads
     for warning in checked.warnings:
         run.say(f"warning: {warning}")
@@ -82,24 +85,90 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
 
 
 def build(run: Run) -> None:
-    """The model (and its answers before any adapter touches it), LoRA, the step plan, optimizer and schedule."""
+    """The model (and its answers before training changes it), LoRA (new, or model.adapter's), the objective
+    (with dpo's reference log-probabilities), the step plan, optimizer and schedule."""
     config, tc, accelerator = run.config, run.tc, run.accelerator
     model = load_model(config.model, training=True)
     if tc.gradient_checkpointing:
         checkpoint_layers(model, tc)
+    if config.model.adapter is not None:
+        model = starting_adapter(model, config)
     if run.generates and run.resume_from is None:
         with accelerator.autocast():  # in the run's arithmetic, as every evaluation of the run
-            answers = runner.answer(model, run.prepared.encoder, [p for p, _ in run.prompts],
-                                    tc.generation_max_length, tc.per_device_eval_batch_size, "base model")  # fmt: skip
+            questions = [p for p, _ in run.prompts]
+            answers = runner.answer(model, run.prepared.encoder, questions, tc.generation_max_length,
+                                    tc.per_device_eval_batch_size, "starting model")  # fmt: skip
         run.files.base_answers.write_text(json.dumps(answers, ensure_ascii=False) + "\n")
-    run.model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
-    run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config) if run.main else None
-    run.plan = make_plan(run.prepared.train.samples, tc, config.data.max_length, config.data.packing,
-                         accelerator.num_processes, accelerator.process_index,
-                         longrope_boundary(run.model.config))  # fmt: skip
+    if config.model.adapter is None:
+        model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
+    run.model = model
+    if run.main and config.model.adapter is None:
+        run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config)
+    run.objective = make_objective(run.prepared, tc.method, config.data.max_length)
+    if tc.method != "sft" and run.prepared.eval is not None:
+        run.eval_objective = make_objective(run.prepared, tc.method, config.data.max_length, "eval")
+    width = config.data.max_length * (1 if tc.method == "sft" else 2)  # a pair's two sides share a row
+    run.plan = make_plan(run.objective.lengths, tc, width, config.data.packing, accelerator.num_processes,
+                         accelerator.process_index, longrope_boundary(run.model.config))  # fmt: skip
+    loss_fn = run.objective.loss(run.model, tc)
+    if tc.method == "dpo":
+        attach_reference(run, loss_fn)
     optimizer, run.scheduler = make_optimizer(run.model, tc, run.plan.total_steps)
     configure(accelerator.state, tc)
-    run.loss_fn, run.optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
+    run.loss_fn, run.optimizer = accelerator.prepare(loss_fn, optimizer)
+
+
+def starting_adapter(model: Any, config: Config) -> Any:
+    """model.adapter on `model`, trainable, with its own LoRA settings (a philora run's slices held as it held
+    them); the base it was trained on must be this one."""
+    from peft import PeftModel
+
+    adapter = read_adapter(str(config.model.adapter))
+    if same_model(adapter.model.name_or_path) != same_model(config.model.name_or_path):
+        trained_on = adapter.model.name_or_path or "the embedded model"
+        raise UserError(
+            f"model.adapter: {adapter.path} was trained on {trained_on}, not on model.name_or_path "
+            f"{config.model.name_or_path or '(the embedded model)'}; set model.name_or_path to its base"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=True)
+    run_config = read_run_config(adapter)
+    if run_config is not None:
+        targets = run_config["peft_config"]["target_modules"]
+        specs = [s for t in (targets if isinstance(targets, list) else []) if (s := slices.parse(t)) is not None]
+        slices.restrict(peft_model, specs, run_config["peft_config"]["r"])
+    print(describe_adapters(peft_model).replace("LoRA on", f"LoRA from {adapter.path} on"), file=sys.stderr)
+    return peft_model
+
+
+def same_model(name: str | None) -> str | None:
+    """A model's name for comparison: a local dir by its resolved path, a hub id or None (embedded) as is."""
+    return str(Path(name).expanduser().resolve()) if name is not None and Path(name).expanduser().is_dir() else name
+
+
+def attach_reference(run: Run, loss_fn: Any) -> None:
+    """dpo: the reference log-probabilities of the train pairs the plan uses (all of them, unless max_steps ends
+    the run inside its first epoch) and of the eval pairs, from the model as training starts; a resumed run reads
+    the ones its first part computed."""
+    started = time.time()
+    plan = run.plan
+    used = sorted({k for step in range(plan.total_steps) for rows in plan.micro_batches(step) for row in rows
+                   for k in row})  # fmt: skip
+    for split, objective, indices in (("train", run.objective, used), ("eval", run.eval_objective, None)):
+        if objective is None:
+            continue
+        path = run.files.reference(split)
+        if run.resume_from is not None and path.is_file():
+            objective.reference = np.load(path)
+            continue
+        # Batches of per_device_train_batch_size packed rows, like a step's: on CPU a forward runs fastest on few
+        # rows (the demo's 53 pairs: 64 s one row at a time, 103 s twenty), and a step's rows fit in memory.
+        objective.reference = reference_logprobs(loss_fn, objective, run.tc.per_device_train_batch_size,
+                                                 run.accelerator, indices)  # fmt: skip
+        if run.main:
+            save_reference(path, objective.reference)
+    pairs = len(used) + (len(run.eval_objective.pairs) if run.eval_objective else 0)
+    run.say(f"dpo: reference log-probabilities of {pairs:,} pairs in {time.time() - started:.0f}s "
+            f"(the model as training starts, kept in {run.files.reference('train').name})")  # fmt: skip
 
 
 def fit(run: Run) -> None:
@@ -135,27 +204,38 @@ def finish(run: Run) -> TrainResult:
     evaluation = None
     if run.generates:  # the same evaluation and files as `philora eval`, base answers from before training
         assert run.prepared.eval is not None
+        source = data.source_specs(config.data, tc.method)[1] or f"{config.data.eval} of {config.data.train}"
         with run.accelerator.autocast():
             evaluation = runner.evaluate_model(
                 run.model,
                 run.prepared.encoder,
-                run.prepared.eval.samples,
+                run.eval_samples,
                 run.prompts,
                 batch_size=tc.per_device_eval_batch_size,
                 max_new_tokens=tc.generation_max_length,
-                # PiSSA/OLoRA rewrote the base weights in memory: disabling the adapter would not give the base back
-                base=not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
+                # PiSSA/OLoRA rewrote the base weights in memory, and model.adapter's start is not the bare base:
+                # disabling the adapter would not give the starting model back
+                base=config.model.adapter is None
+                and not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
                 # recorded before training; a run resumed from an older philora's checkpoint answers them now
                 base_answers=json.loads(files.base_answers.read_text()) if files.base_answers.is_file() else None,
                 settings={"command": "train", "run": files.root.name, "adapter": str(files.adapter),
-                          "base_model": config.model.name_or_path or "embedded",
-                          "data": data.source_specs(config.data)[1] or f"{config.data.eval} of {config.data.train}",
+                          "base_model": config.model.name_or_path or "embedded", "data": source,
                           "conversations": len(run.prepared.eval.conversations)},
             )  # fmt: skip
+    if run.eval_objective is not None:
+        measured = run.final_pair_eval
+        if measured is None:
+            with run.accelerator.autocast():
+                measured = run.eval_objective.evaluate(run.loss_fn, tc.per_device_train_batch_size)
+        evaluation = {**(evaluation or {}), "preference": {"pairs": len(run.eval_objective.pairs), **measured}}
+        run.say(f"held-out pairs ({len(run.eval_objective.pairs)}): {tc.method} loss {measured['loss']:.4f}, reward "
+                f"accuracy {100 * measured['rewards/accuracies']:.1f}%, reward margin "
+                f"{measured['rewards/margins']:.3f}")  # fmt: skip
     write_run_record(files.root, config, run.prepared, run.model, run.progress, run.log.records, evaluation,
                      time.time() - run.started, run.accelerator.num_processes,
                      run.accelerator.mixed_precision)  # fmt: skip
-    if evaluation is not None:
+    if evaluation is not None and run.generates:
         report.write_results(files.root, evaluation, files.root)
         print(table.format_comparison(evaluation), file=sys.stderr)
     run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}")

@@ -24,6 +24,8 @@ class Window:
     tokens: int = 0
     trained: int = 0
     seconds: float = 0.0
+    units: int = 0  # what the loss is a sum over: trained tokens (sft), pairs (dpo, orpo)
+    stats: dict[str, float] = field(default_factory=dict)  # sums of the objective's statistics (dpo, orpo)
 
 
 @dataclass
@@ -59,13 +61,25 @@ class Run:
     plan: Any = None
     optimizer: Any = None
     scheduler: Any = None
-    loss_fn: Any = None  # TokenLoss(model), as accelerate prepared it
+    loss_fn: Any = None  # the objective's loss module (TokenLoss or PreferenceLoss), as accelerate prepared it
+    objective: Any = None  # train.objective: units, batches and loss of training_config.method
+    eval_objective: Any = None  # dpo, orpo: the eval pairs' objective, for their preference metrics
+    final_pair_eval: dict[str, float] | None = None  # those metrics after the last step, if the loop measured them
     log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
 
     @property
     def tc(self) -> TrainingSection:
         return self.config.training_config
+
+    @property
+    def eval_samples(self) -> list[data.Sample]:
+        """What eval loss is measured on: every eval sample (sft), or the chosen side of each eval pair."""
+        if self.prepared is None or self.prepared.eval is None:
+            return []
+        if self.tc.method == "sft":
+            return self.prepared.eval.samples
+        return [chosen for chosen, _ in self.prepared.eval.pairs]
 
     @property
     def main(self) -> bool:

@@ -51,9 +51,11 @@ def planned_steps(config: Config, prepared: PreparedData) -> int:
     from philora.train.plan import make_plan
 
     tc, dc = config.training_config, config.data
-    plan = make_plan(
-        prepared.train.samples, tc, dc.max_length, dc.packing, 1, 0, longrope_boundary(model_config(config))
-    )
+    from philora.train.objective import make_objective
+
+    lengths = make_objective(prepared, tc.method, dc.max_length).lengths
+    width = dc.max_length * (1 if tc.method == "sft" else 2)
+    plan = make_plan(lengths, tc, width, dc.packing, 1, 0, longrope_boundary(model_config(config)))
     return plan.total_steps
 
 
