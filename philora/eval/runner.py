@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,9 +60,10 @@ def generate(
     prompts: Sequence[list[dict[str, Any]]],
     max_new_tokens: int,
     batch_size: int = 16,
+    answered: Callable[[int], object] | None = None,
 ) -> list[str]:
     """Greedy answers through the token loop that chat and serve use (same stop tokens, same left padding),
-    `batch_size` prompts at a time, each cut at the end-of-turn token."""
+    `batch_size` prompts at a time, each cut at the end-of-turn token; `answered(n)` after each batch of n."""
     from philora.infer.generation import Row, Settings
     from philora.infer.generation import generate as token_loop
 
@@ -77,6 +78,8 @@ def generate(
         chunk = order[start : start + batch_size]
         for i, done in zip(chunk, token_loop(model, encoder, [Row(encoded[i], settings) for i in chunk]), strict=True):
             answers[i] = done.text.strip()
+        if answered is not None:
+            answered(len(chunk))
     model.train(was_training)
     return answers
 
@@ -85,9 +88,12 @@ def answer(
     model: Any, encoder: ChatEncoder, prompts: Sequence[list[dict[str, Any]]], max_new_tokens: int, batch_size: int,
     who: str,
 ) -> list[str]:  # fmt: skip
-    """`generate`, saying how long it took."""
+    """`generate`, with a progress bar on a terminal, saying how long it took."""
+    from tqdm.auto import tqdm
+
     tick = time.perf_counter()
-    answers = generate(model, encoder, prompts, max_new_tokens, batch_size)
+    with tqdm(total=len(prompts), desc=f"answering with the {who}", unit="prompt", leave=False, disable=None) as bar:
+        answers = generate(model, encoder, prompts, max_new_tokens, batch_size, bar.update)
     seconds = time.perf_counter() - tick
     print(f"philora: answered {len(prompts)} eval prompts with the {who} in {seconds:.0f}s", file=sys.stderr)
     return answers
