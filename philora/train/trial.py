@@ -48,11 +48,10 @@ def planned_steps(config: Config, prepared: PreparedData) -> int:
     """The optimizer steps the configured run would take on one process."""
     from philora.model.load import longrope_boundary
     from philora.preflight.architecture import model_config
+    from philora.train.objective import make_objective
     from philora.train.plan import make_plan
 
     tc, dc = config.training_config, config.data
-    from philora.train.objective import make_objective
-
     lengths = make_objective(prepared, tc.method, dc.max_length).lengths
     width = dc.max_length * (1 if tc.method == "sft" else 2)
     plan = make_plan(lengths, tc, width, dc.packing, 1, 0, longrope_boundary(model_config(config)))
