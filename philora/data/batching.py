@@ -25,6 +25,11 @@ from philora.data.render import IGNORE, Sample
 Row = list[int]  # indices of the samples packed into one row
 
 
+def row_width(method: str, max_length: int) -> int:
+    """The tokens a packed row holds: max_length, or twice it for a preference pair, whose two sides share a row."""
+    return max_length * (1 if method == "sft" else 2)
+
+
 def pack(lengths: Sequence[int], max_length: int, long_after: int | None = None) -> list[Row]:
     """Best-fit decreasing: each sample, longest first, goes into the fullest row it still fits in. With
     `long_after`, samples longer than it share rows only with each other."""

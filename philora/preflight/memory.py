@@ -19,6 +19,7 @@ import torch
 
 from philora import hardware
 from philora.config import Config
+from philora.data.batching import row_width
 from philora.model.loss import CHUNK, TokenLoss
 from philora.preflight.architecture import Architecture
 
@@ -131,8 +132,7 @@ def saved_for_backward(arch: Architecture, batch: int, length: int, packed: bool
 def estimate(config: Config, arch: Architecture) -> Estimate:
     """The peak of one training step per the config's micro-batch, length, checkpointing and quantization."""
     tc, mc = config.training_config, config.model
-    # a preference pair's two sides share a row: up to twice max_length
-    batch, length = tc.per_device_train_batch_size, config.data.max_length * (1 if tc.method == "sft" else 2)
+    batch, length = tc.per_device_train_batch_size, row_width(tc.method, config.data.max_length)
     size = arch.dtype.itemsize
     model = arch.model
     adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

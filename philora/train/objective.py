@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from philora.data import PreparedData, Sample
-from philora.data.batching import Row, collate
+from philora.data.batching import Row, collate, row_width
 from philora.model.loss import TokenLoss
 from philora.model.preference import STATS, PairBatches, PreferenceLoss
 
@@ -80,14 +80,13 @@ class PairObjective(PairBatches, Objective):
 
 
 def make_objective(prepared: PreparedData, method: str, max_length: int, split: str = "train") -> Objective:
-    """The objective over the train (or eval) split; dpo's reference log-probabilities are added later. A pair's
-    two sides share a row: pairs are packed into rows of twice max_length."""
+    """The objective over the train (or eval) split; dpo's reference log-probabilities are added later."""
     pad_id = prepared.encoder.tokenizer.pad_token_id
     part = prepared.train if split == "train" else prepared.eval
     assert part is not None
     if method == "sft":
         return Objective(part.samples, pad_id)
-    return PairObjective(part.pairs, pad_id, 2 * max_length)
+    return PairObjective(part.pairs, pad_id, row_width(method, max_length))
 
 
 def reference_logprobs(loss_fn: PreferenceLoss, objective: PairObjective, batch_size: int, accelerator: Any,

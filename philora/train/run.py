@@ -23,6 +23,7 @@ import torch
 from philora import data, hardware
 from philora.config import Config, PeftSection, TrainingSection
 from philora.data import report as data_report
+from philora.data.batching import row_width
 from philora.errors import UserError
 from philora.eval import report, runner, table
 from philora.infer.adapters import read_adapter, read_run_config
@@ -107,7 +108,7 @@ def build(run: Run) -> None:
     run.objective = make_objective(run.prepared, tc.method, config.data.max_length)
     if tc.method != "sft" and run.prepared.eval is not None:
         run.eval_objective = make_objective(run.prepared, tc.method, config.data.max_length, "eval")
-    width = config.data.max_length * (1 if tc.method == "sft" else 2)  # a pair's two sides share a row
+    width = row_width(tc.method, config.data.max_length)
     run.plan = make_plan(run.objective.lengths, tc, width, config.data.packing, accelerator.num_processes,
                          accelerator.process_index, longrope_boundary(run.model.config))  # fmt: skip
     loss_fn = run.objective.loss(run.model, tc)

@@ -46,6 +46,7 @@ def measure(config: Config, prepared: PreparedData, report: Report) -> None:
 
 def planned_steps(config: Config, prepared: PreparedData) -> int:
     """The optimizer steps the configured run would take on one process."""
+    from philora.data.batching import row_width
     from philora.model.load import longrope_boundary
     from philora.preflight.architecture import model_config
     from philora.train.objective import make_objective
@@ -53,7 +54,7 @@ def planned_steps(config: Config, prepared: PreparedData) -> int:
 
     tc, dc = config.training_config, config.data
     lengths = make_objective(prepared, tc.method, dc.max_length).lengths
-    width = dc.max_length * (1 if tc.method == "sft" else 2)
+    width = row_width(tc.method, dc.max_length)
     plan = make_plan(lengths, tc, width, dc.packing, 1, 0, longrope_boundary(model_config(config)))
     return plan.total_steps
 
