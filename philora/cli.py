@@ -129,6 +129,14 @@ def _after_training_commands(sub: Any) -> None:
     serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 503")
     serve.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="cap on max_tokens")
 
+    push = sub.add_parser("push", help="upload an adapter or merged model with its model card to the Hugging Face Hub")
+    push.add_argument("dir", metavar="DIR", help="a run dir (its adapter/ and run records), an adapter or a merged dir")
+    push.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the model repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its own)")
+    push.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
+    push.add_argument("--message", metavar="TEXT", help="the commit message")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes that would go up; no network")
+
 
 # Commands that take no config file: each module's main(args) returns the exit status.
 AFTER_TRAINING = {
@@ -137,6 +145,7 @@ AFTER_TRAINING = {
     "export": "philora.export.command",
     "chat": "philora.infer.chat",
     "serve": "philora.infer.serve",
+    "push": "philora.export.push",
 }
 
 

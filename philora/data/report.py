@@ -86,7 +86,7 @@ def source_line(role: str, source: SourceData) -> str:
     )
 
 
-def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str) -> list[str]:
+def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str, histogram: bool = True) -> list[str]:
     length = stats["length"]
     lines = [
         f"{name}: {stats['conversations']:,} conversations → {stats['samples']:,} samples, {stats['tokens']:,} tokens,"
@@ -102,6 +102,8 @@ def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str
             f"{rejected['p50']} rejected; the chosen answer is longer in {100 * pairs['chosen_longer']:.0f}%, shorter "
             f"in {100 * pairs['chosen_shorter']:.0f}% (a lopsided split is a preference for length a model can learn)"
         )
+    if not histogram:
+        return lines
     peak = max((c for _, _, c in stats["histogram"]), default=0) or 1
     digits = len(str(max_length))
     for lo, hi, count in stats["histogram"]:

@@ -74,11 +74,19 @@ def read_source(spec: str, purpose: str = "train") -> Source:
                 _read_file(file, source)
     elif path.exists():
         _read_file(path, source)
-    elif HUB_ID.match(spec) and path.suffix not in SUFFIXES:
+    elif hub_dataset(spec):
         _read_hub(spec, purpose, source)
     else:
         raise UserError(f"{spec}: no such file or folder (and not a hub dataset id like owner/name:split)")
     return source
+
+
+def hub_dataset(spec: str) -> str | None:
+    """The hub dataset id a data spec names (`owner/name` of `owner/name[:split]`), or None for a local path."""
+    path = Path(spec).expanduser()
+    if path.exists() or not HUB_ID.match(spec) or path.suffix in SUFFIXES:
+        return None
+    return spec.partition(":")[0]
 
 
 def _hidden(path: Path, root: Path) -> bool:

@@ -241,21 +241,27 @@ after trimming whitespace; ROUGE-L F1 from rouge-score; JSON rows only when ever
 """
 
 
-def markdown(evaluation: dict[str, Any]) -> str:
-    """eval.md: the metric table and the first few samples, for a README, an issue or a pull request."""
+def markdown_table(evaluation: dict[str, Any]) -> list[str]:
+    """The metric table as Markdown lines: base beside fine-tuned, with the difference when both are there."""
     runs = present_runs(evaluation)
     both = len(runs) == 2
-    settings = evaluation.get("settings", {})
-    lines = ["# philora eval", ""]
-    facts = [f"{k}: `{settings[k]}`" for k in ("adapter", "base_model", "data") if settings.get(k)]
-    facts.append(f"{evaluation['prompts']} prompts, greedy, at most {settings.get('max_new_tokens', '?')} new tokens")
-    lines += ["; ".join(facts) + ".", ""]
     header = ["metric", *(RUNS[r] for r in runs), *(["Δ"] if both else [])]
-    lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in metric_rows(evaluation):
         cells = [row["label"], *(format_value(row["kind"], row[r]) for r in runs)]
         cells += [format_delta(row["kind"], row["delta"])] if both else []
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(evaluation: dict[str, Any]) -> str:
+    """eval.md: the metric table and the first few samples, for a README, an issue or a pull request."""
+    runs = present_runs(evaluation)
+    settings = evaluation.get("settings", {})
+    lines = ["# philora eval", ""]
+    facts = [f"{k}: `{settings[k]}`" for k in ("adapter", "base_model", "data") if settings.get(k)]
+    facts.append(f"{evaluation['prompts']} prompts, greedy, at most {settings.get('max_new_tokens', '?')} new tokens")
+    lines += ["; ".join(facts) + ".", "", *markdown_table(evaluation)]
     samples = evaluation["samples"][:MD_SAMPLES]
     if samples:
         lines += ["", f"## Samples (the first {len(samples)} of {len(evaluation['samples'])})"]

@@ -52,6 +52,14 @@ def format_delta(kind: str, delta: float | None) -> str:
     return {"loss": f"{delta:+.4f}", "ppl": f"{delta:+.2f}"}.get(kind, f"{100 * delta:+.1f} pts")
 
 
+def format_preference(preference: dict[str, Any], method: str) -> str:
+    """A preference run's held-out pairs: its loss, how often the chosen answer earns the higher reward, by what."""
+    return (
+        f"held-out pairs ({preference['pairs']}): {method} loss {preference['loss']:.4f}, reward accuracy "
+        f"{100 * preference['rewards/accuracies']:.1f}%, reward margin {preference['rewards/margins']:.3f}"
+    )
+
+
 def format_comparison(evaluation: dict[str, Any]) -> str:
     """The metric table (base vs fine-tuned, with the difference) and one example, for the terminal."""
     runs = present_runs(evaluation)

@@ -13,6 +13,7 @@ judged relative to the logits' scale (max |logit| of the reference): fp32 must a
 2.2e-6 on the embedded model with a rank-8 adapter on every projection); bf16 and fp16 weights round every
 matrix to 8 and 11 significant bits, so they get 5e-2 and 1e-2 (measured 7.7e-3 and 1.1e-3). The numbers go to a
 line on stderr and to OUTPUT/merge.json; a failed check exits 1 and records `passed: false`, which export refuses.
+A merge that passes gets a README.md model card (export/card.py) from merge.json and the adapter's run records.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
+from philora.export.card import write_card
 from philora.hardware import DTYPES
 from philora.infer.adapters import Adapter, base_section, read_adapter
 from philora.model.load import without_bitsandbytes
@@ -88,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    write_card(output)
     print(f"philora: merged model in {output}", file=sys.stderr)
     return 0
 
@@ -126,7 +129,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).to(reference[0].device).eval()
     parity = compare(reference, logits_of(reloaded, prompts), TOLERANCE[target])
     return {
-        "adapter": str(adapter.path),
+        "adapter": str(adapter.path.resolve()),  # absolute: the model card finds the adapter's run from anywhere
         "base": source,
         "base_trained_quantization": adapter.model.quantization,
         "dtype": target,

@@ -50,10 +50,13 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
         run = json.loads(run_file.read_text())
         model = known_fields(ModelSection, run["config"]["model"])
         return Adapter(name, path, model, run.get("model_dtype"), run.get("mixed_precision", "no"))
+    from philora.model.embedded import is_embedded
+
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"--adapter {path}: adapter_config.json names no base model; pass --model")
-    return Adapter(name, path, ModelSection(name_or_path=base))
+    # An adapter of the embedded model names its converted cache dir, which on this machine may be elsewhere.
+    return Adapter(name, path, ModelSection(name_or_path=None if is_embedded(base) else base))
 
 
 def read_run_config(adapter: Adapter) -> dict[str, Any] | None:

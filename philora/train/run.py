@@ -2,7 +2,8 @@
 
 A run goes through four named stages, each a function of one `Run` that holds what the stages share:
 `set_up` (settings, output dir, resume point, data) → `build` (model, LoRA, plan, optimizer) → `fit` (the loop in
-train/loop.py, from the start or a checkpoint) → `finish` (adapter, plots, evaluation, run.json).
+train/loop.py, from the start or a checkpoint) → `finish` (adapter, plots, evaluation, run.json, the
+adapter's model card).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from philora.data import report as data_report
 from philora.data.batching import row_width
 from philora.errors import UserError
 from philora.eval import report, runner, table
+from philora.export import card
 from philora.infer.adapters import read_adapter, read_run_config
 from philora.lora import slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
@@ -190,7 +192,8 @@ def fit(run: Run) -> None:
 
 
 def finish(run: Run) -> TrainResult:
-    """The adapter (gathered from every process under FSDP/DeepSpeed), the loss plot, the evaluation, run.json."""
+    """The adapter (gathered from every process under FSDP/DeepSpeed), the loss plot, the evaluation, run.json, and
+    the adapter's README.md model card in place of peft's template."""
     config, tc, files = run.config, run.tc, run.files
     weights = gathered_adapter(run.accelerator, run.loss_fn)
     run.accelerator.wait_for_everyone()
@@ -230,15 +233,14 @@ def finish(run: Run) -> TrainResult:
             with run.accelerator.autocast():
                 measured = run.eval_objective.evaluate(run.loss_fn, tc.per_device_train_batch_size)
         evaluation = {**(evaluation or {}), "preference": {"pairs": len(run.eval_objective.pairs), **measured}}
-        run.say(f"held-out pairs ({len(run.eval_objective.pairs)}): {tc.method} loss {measured['loss']:.4f}, reward "
-                f"accuracy {100 * measured['rewards/accuracies']:.1f}%, reward margin "
-                f"{measured['rewards/margins']:.3f}")  # fmt: skip
+        run.say(table.format_preference(evaluation["preference"], tc.method))
     write_run_record(files.root, config, run.prepared, run.model, run.progress, run.log.records, evaluation,
                      time.time() - run.started, run.accelerator.num_processes,
                      run.accelerator.mixed_precision)  # fmt: skip
     if evaluation is not None and run.generates:
         report.write_results(files.root, evaluation, files.root)
         print(table.format_comparison(evaluation), file=sys.stderr)
+    card.write_card(files.adapter)  # last: it reads run.json and eval.json
     run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}")
     return TrainResult(files.root, run.model, evaluation)
 
