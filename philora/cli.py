@@ -12,6 +12,8 @@ from typing import Any
 from philora import __version__
 from philora.errors import UserError
 
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")  # GGUF export, see philora.export.command
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config or preset name (default: the embedded demo)")
@@ -110,11 +112,19 @@ def _after_training_commands(sub: Any) -> None:
     merge.add_argument("--output", metavar="DIR", required=True, help="directory for the merged model")
     merge.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="safetensors shard size")
 
-    export = sub.add_parser("export", help="export a merged model: GGUF (f16, q8_0) or GGUF + Ollama Modelfile")
-    export.add_argument("format", choices=["gguf", "ollama"], help="gguf: one .gguf file; ollama: a dir with both")
-    export.add_argument("--model", metavar="DIR", required=True, help="a merged model dir (philora merge)")
+    export = sub.add_parser(
+        "export", help="a merged model as GGUF (f16 … q4_k_m) or GGUF + Ollama Modelfile; an adapter as GGUF LoRA"
+    )
+    export.add_argument(
+        "format",
+        choices=["gguf", "ollama", "gguf-lora"],
+        help="gguf: one .gguf file; ollama: a dir with the GGUF and a Modelfile; gguf-lora: an adapter as GGUF",
+    )
+    export.add_argument("--model", metavar="DIR", help="gguf/ollama: a merged model dir; gguf-lora: the base")
+    export.add_argument("--adapter", metavar="DIR", help="gguf-lora: the adapter (or its run dir)")
+    export.add_argument("--base", metavar="FILE", help="gguf-lora: check it on this base GGUF (default: an f16 one)")
     export.add_argument("--output", metavar="PATH", required=True, help="the .gguf file (gguf) or a directory (ollama)")
-    export.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="tensor type")
+    export.add_argument("--type", default="f16", choices=GGUF_TYPES, help="gguf/ollama: tensor type (default f16)")
 
     chat = sub.add_parser("chat", help="chat in the terminal with streamed answers (/reset, /exit)")
     _adapter_and_model(chat)

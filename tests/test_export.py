@@ -1,6 +1,7 @@
-"""philora export: GGUF files that transformers reads back to the same tokens and (within the type's tolerance) the
-same logits, with llama.cpp's phi3 metadata, the chat template and stop tokens; an Ollama Modelfile whose
-template re-creates the chat template; refusals of what cannot be exported."""
+"""philora export: GGUF files that llama.cpp loads to the same tokens, chat template and (within the type's floors)
+the same logits as transformers, for the Phi-3, Llama, Mistral and Qwen2 layouts and long-context Phi configs;
+llama.cpp's own quantized types; adapters as GGUF LoRA; an Ollama Modelfile whose template re-creates the chat
+template; refusals of what cannot be exported."""
 
 from __future__ import annotations
 
@@ -42,10 +43,14 @@ def test_f16_gguf_reads_back_as_the_embedded_model(embedded_ollama: tuple[Path, 
     assert rc == 0
     record = json.loads((out / "export.json").read_text())
     assert record["passed"] and record["tokenizer_identical"] and record["type"] == "f16"
-    assert record["verified_with"].startswith("transformers from_pretrained(gguf_file=...): config, weights")
+    assert record["verified_with"].startswith("llama.cpp (llama-cpp-python 0.3.36)")
     parity = record["parity"]
     assert 0 < parity["relative"] <= 1e-2 and parity["top1_agreement"] == 1.0 and parity["positions"] > 60
     assert record["tokenizer_model"] == "gpt2" and record["tokenizer_pre"] == "gpt-2"
+    # The base model answers the parity prompts the same in llama.cpp, through the file's own chat template, and
+    # llama.cpp stops at <|im_end|> by itself where transformers does.
+    assert record["answers_identical"] == record["answers_stopped_alike"] == 3
+    assert ["stop", "stop"] in [a["finish"] for a in record["answers"]]
 
 
 def test_gguf_metadata_follows_llama_cpp_phi3(embedded_dir: Path, embedded_ollama: tuple[Path, int]) -> None:
@@ -135,18 +140,22 @@ def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path / "saved"
 
 
-def tiny_spm_phi3(tokenizer_dir: Path, path: Path, **config: object) -> Path:
+def tiny_spm_phi3(tokenizer_dir: Path, path: Path, qkv_std: float | None = None, **config: object) -> Path:
     """A 2-layer random Phi-3 (64 wide, so Q8_0 blocks fit) on a small tokenizer; 448 embedding rows by default (43
-    unused with the SentencePiece one)."""
+    unused with the SentencePiece one). `qkv_std` makes attention sharp, so that positions (rotary) matter."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(path)
-    settings = {"vocab_size": 448, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-    phi3 = Phi3Config(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+    settings = {"vocab_size": 448, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "max_position_embeddings": 512}  # fmt: skip
+    phi3 = Phi3Config(num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=0, **{**settings, **config})  # fmt: skip
     torch.manual_seed(0)
-    Phi3ForCausalLM(phi3).save_pretrained(path)
+    model = Phi3ForCausalLM(phi3)
+    for layer in model.model.layers if qkv_std else []:
+        torch.nn.init.normal_(layer.self_attn.qkv_proj.weight, std=qkv_std)
+    model.save_pretrained(path)
     return path
 
 
@@ -156,7 +165,7 @@ def test_sentencepiece_phi3_tokenizer_exports_as_llama_vocab(
     model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model")
     out = tmp_path / "ollama"
     assert run_export("ollama", "--model", str(model), "--output", str(out), "--type", "q8_0") == 0
-    assert "GGUF q8_0 parity" in capsys.readouterr().err
+    assert "GGUF q8_0 in llama.cpp" in capsys.readouterr().err
     record = json.loads((out / "export.json").read_text())
     assert record["passed"] and record["tokenizer_identical"] and record["tokenizer_model"] == "llama"
     assert record["name"] == "phi3-model"  # llama.cpp strips the newline after <|user|> only for phi3 names
@@ -232,19 +241,64 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_longrope_partial_rotary_model_gets_rope_factors(spm_tokenizer: Path, tmp_path: Path) -> None:
-    """Phi-4-mini's shape: longrope with a partial rotary dimension (0.75 of each 16-wide head = 12)."""
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-            "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]}  # fmt: skip
-    model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model", rope_parameters=rope, original_max_position_embeddings=128)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0}
+# Attention sharp enough that positions matter; an original context of 256, as llama.cpp pads its context to 256.
+LONG_CONTEXT = {"qkv_std": 0.15, "original_max_position_embeddings": 256, "max_position_embeddings": 1024}
+
+
+@pytest.mark.parametrize(
+    ("shape", "config", "rope_dims"),
+    [
+        ("Phi-3-mini-128k / Phi-3.5-mini: full rotary", {}, 16),
+        ("Phi-4-mini: partial rotary, tied head, sliding_window", {"partial_rotary_factor": 0.75,
+         "tie_word_embeddings": True, "sliding_window": 512}, 12),
+    ],
+)  # fmt: skip
+def test_longrope_models_agree_with_llama_cpp_past_the_original_context(
+    spm_tokenizer: Path, tmp_path: Path, shape: str, config: dict, rope_dims: int
+) -> None:
+    """Long factors 1..4.5 (short ones near 1) make positions past the original 256 differ sharply from short-factor
+    ones: llama.cpp must read the factors, the attention factor, the original context and the rotary dimensions."""
+    half = rope_dims // 2
+    rope = {**LONGROPE, "long_factor": [1.0 + i / 2 for i in range(half)], "short_factor": [1.0 + i / 20 for i in
+            range(half)], "partial_rotary_factor": config.pop("partial_rotary_factor", 1.0)}  # fmt: skip
+    model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model", rope_parameters=rope, **LONG_CONTEXT, **config)
     out = tmp_path / "long.gguf"
-    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 0
+    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 0, shape
     record = json.loads(out.with_suffix(".export.json").read_text())
-    assert record["passed"] and "config=source's" in record["verified_with"]
+    long = record["long_context"]
+    assert record["passed"] and long["from"] == 256 and long["positions"] == 64 and long["relative"] <= 1e-2
     metadata, tensors = read_metadata(out)
-    assert metadata["phi3.rope.dimension_count"] == 12 and metadata["phi3.rope.scaling.original_context_length"] == 128
-    assert metadata["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(128)))
-    assert tensors["rope_factors_long.weight"] == ((6,), 0) and tensors["rope_factors_short.weight"] == ((6,), 0)
+    assert (
+        metadata["phi3.rope.dimension_count"] == rope_dims
+        and metadata["phi3.rope.scaling.original_context_length"] == 256
+    )
+    assert metadata["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(256)))
+    assert tensors["rope_factors_long.weight"] == ((half,), 0) and tensors["rope_factors_short.weight"] == ((half,), 0)
+    assert metadata["phi3.attention.sliding_window"] == config.get("sliding_window", 0)
+
+
+def test_long_context_check_catches_wrong_long_factors(
+    spm_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check past the original context is not vacuous: writing the short factors as the long ones fails it."""
+    rope = {
+        **LONGROPE,
+        "long_factor": [1.0 + i / 2 for i in range(8)],
+        "short_factor": [1.0 + i / 20 for i in range(8)],
+    }
+    model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model", rope_parameters=rope, **LONG_CONTEXT)
+    real = gguf_export.rope_tensors
+
+    def short_as_long(config: object) -> list:
+        tensors = real(config)
+        return [(name, tensors[1][1] if "long" in name else data, kind) for name, data, kind in tensors]
+
+    monkeypatch.setattr(gguf_export, "rope_tensors", short_as_long)
+    out = tmp_path / "wrong.gguf"
+    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 1
+    record = json.loads(out.with_suffix(".export.json").read_text())
+    assert record["parity"]["relative"] <= 1e-2 and record["long_context"]["relative"] > 0.1
 
 
 def test_verification_catches_a_wrong_tensor_and_a_wrong_tokenizer(
@@ -273,20 +327,22 @@ def test_verification_catches_a_wrong_tensor_and_a_wrong_tokenizer(
     assert not record["tokenizer_identical"] and record["tokenizer_mismatch"]
 
 
-def test_a_non_phi3_model_and_bad_paths_are_refused(
+def test_an_unsupported_architecture_and_bad_paths_are_refused(
     tiny_phi3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from transformers import LlamaConfig
+    from transformers import GPT2Config
 
-    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path / "llama")
+    GPT2Config(n_embd=32, n_layer=1, n_head=4).save_pretrained(tmp_path / "gpt2")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter/adapter_config.json").write_text("{}")
     (tmp_path / "taken.gguf").write_text("")
     cases = [
         (
-            ["gguf", "--model", str(tmp_path / "llama"), "--output", str(tmp_path / "x.gguf")],
-            "a llama model; philora exports the Phi-3",
+            ["gguf", "--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")],
+            "a gpt2 model; GGUF export supports Phi-3/Phi-3.5/Phi-4-mini (phi3), Llama and Mistral (llama), Qwen2",
         ),
+        (["gguf-lora", "--model", str(tiny_phi3), "--output", str(tmp_path / "x.gguf")], "give --adapter DIR"),
+        (["gguf", "--adapter", str(tmp_path), "--output", str(tmp_path / "x.gguf")], "give --model DIR"),
         (["gguf", "--model", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.gguf")], "merge it first"),
         (["gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "x.bin")], "ending in .gguf"),
         (["gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "taken.gguf")], "exists"),
@@ -310,8 +366,9 @@ def test_pre_tokenizer_names_and_refusals() -> None:
         gguf_vocab.pre_tokenizer_name(unknown, None)
     with pytest.raises(UserError, match="adds a prefix space"):
         gguf_vocab.pre_tokenizer_name({**byte_level, "add_prefix_space": True}, None)
-    with pytest.raises(UserError, match="with a NFC normalizer"):
-        gguf_vocab.pre_tokenizer_name(byte_level, {"type": "NFC"})
+    with pytest.raises(UserError, match="with a NFKC normalizer"):
+        gguf_vocab.pre_tokenizer_name(byte_level, {"type": "NFKC"})
+    assert gguf_vocab.pre_tokenizer_name(byte_level, {"type": "NFC"}) == "gpt-2"  # Qwen2's, as llama.cpp converts it
 
 
 def test_gguf_name_tells_llama_cpp_whether_chat_tokens_strip_whitespace() -> None:

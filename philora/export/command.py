@@ -1,16 +1,24 @@
-"""`philora export gguf|ollama`: a merged Phi-3 model as one GGUF file (f16 or Q8_0), or as an Ollama directory
-(the GGUF and a Modelfile), verified by reading it back.
+"""`philora export gguf|ollama`: a merged model as one GGUF file in any of llama.cpp's usual types, or as an
+Ollama directory (the GGUF and a Modelfile), verified by llama.cpp itself.
 
-Verification loads the written file with transformers' own GGUF reader (`from_pretrained(..., gguf_file=...)`,
-model and tokenizer), which rebuilds config, weights and tokenizer from the GGUF metadata alone, and compares:
-- the tokenizer: the chat-rendered parity prompts and a few awkward strings (digit runs, space runs, non-ASCII)
-  must give the same ids as the source tokenizer, and the chat template must be the same. Two llama.cpp rules
-  that transformers' reader leaves out are applied to it first (see gguf_vocab.as_llama_cpp_reads_it);
-- the logits on those prompts with the source model's, both in fp32, relative to the logit scale (as in merge):
-  f16 within 1e-2 (measured 1.1e-3 on the embedded model); Q8_0 within 1e-1 (measured 3.3e-2 — int8 values
-  with one scale per 32 weights, compounded over 30 layers, at the worst of ~6M logits; top-1 tokens agree 99%).
-transformers' reader ignores `rope.dimension_count` and the longrope factors, so a partial-rotary or longrope
-model's weights are loaded into the source config instead; the output and export.json say so.
+Types and who writes them: f16, bf16 and q8_0 by gguf-py here (gguf.py: Q8_0 is the same block format llama.cpp
+writes); q5_k_m, q4_k_m and q4_0 by llama.cpp's own quantizer (`llama_model_quantize`, what llama-quantize runs),
+from an f16 file written first — its per-tensor mixture (q6_k for the output head, q5_0/q8_0 fallbacks where a
+row is not a multiple of 256) is llama.cpp's, as in every Ollama download.
+
+Verification loads the written file in llama.cpp (llama-cpp-python) and compares it with the source model in
+transformers, fp32:
+- tokens: the chat-rendered parity prompts and some awkward strings (digit runs, space runs, non-ASCII) must give
+  the same ids, and the file's chat template rendered by llama.cpp's Jinja handling the same prompt text;
+- logits over every prompt position: for the float types and q8_0 the largest |Δlogit| must stay within a bound
+  relative to the logit scale (f16 1e-2, bf16 5e-2, q8_0 0.15; measured on the embedded model 1.7e-3, 8.2e-3,
+  5.0e-2); for the 4- and 5-bit types the top-1 token must agree at least as often as a floor (q5_k_m and q4_k_m
+  70%, q4_0 50%; measured 82-86%, 91%, 66-73%). The floors are set on the embedded 135M model, the worst case (small
+  models lose most to quantization), and far above what a wrong layout or tokenizer gives (a few percent);
+- greedy answers to the parity conversations through llama.cpp's chat completion, beside transformers' answers,
+  and whether llama.cpp stopped at the end of turn where transformers did (reported, not judged: one near-tie
+  flips a greedy answer);
+- longrope models: logits past the original context, where both switch to the long factors.
 The numbers go to a line on stderr and to a sidecar: DIR/export.json for ollama, NAME.export.json beside NAME.gguf.
 """
 
@@ -19,28 +27,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from philora.errors import UserError
-from philora.export.merge import Parity, compare, logits_of, parity_line, parity_prompts
 
-TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1}
-# Text whose tokenisation depends on the pre-tokenizer: digit runs, space runs, contractions, non-ASCII.
-TOKENIZER_PROBES = [
-    "In 2024, 12345 people paid $3.50 each — didn't they?",
-    "  two  spaces,\ttab\nnewline  ",
-    "Grüße, naïve café: 東京 🚀",
-]
 OLLAMA_GGUF = "model.gguf"
 
 
 def main(args: argparse.Namespace) -> int:
+    from philora.export import verify
+
+    if args.format == "gguf-lora":
+        if not args.adapter:
+            raise UserError("export gguf-lora: give --adapter DIR (the adapter, or its run dir)")
+        from philora.export.lora_gguf import main as export_lora
+
+        return export_lora(args)
+    if not args.model or args.adapter:
+        raise UserError(f"export {args.format}: give --model DIR, a merged model (philora merge); not --adapter")
     source = check_source(Path(args.model).expanduser())
     gguf_path, sidecar = output_paths(args.format, Path(args.output).expanduser())
     started, folder_existed = time.time(), gguf_path.parent.exists()
@@ -51,22 +59,19 @@ def main(args: argparse.Namespace) -> int:
         raise
     record["seconds"] = round(time.time() - started, 1)
     sidecar.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    parity = Parity(**record["parity"])
-    print(parity_line(f"GGUF {args.type}", parity, args.type), file=sys.stderr)
-    problems = []
-    if not record["tokenizer_identical"]:
-        problems.append(f"the GGUF's tokenizer encodes differently from the source's: {record['tokenizer_mismatch']}")
-    if not parity.passed:
-        problems.append(f"its logits differ by {parity.relative:.2e} of the logit scale (> {parity.tolerance:.0e})")
+    print(verify.summary(f"GGUF {args.type}", record), file=sys.stderr)
+    return report_problems(verify.problems(record), gguf_path, sidecar, record["bytes"], args.format == "ollama")
+
+
+def report_problems(problems: list[str], path: Path, sidecar: Path, size: int, ollama: bool = False) -> int:
+    """Print the verdict: each problem as an error (exit 1), or where the file is."""
     for problem in problems:
-        print(
-            f"philora: error: {gguf_path}: {problem}; do not use it — please report it with {sidecar}", file=sys.stderr
-        )
+        print(f"philora: error: {path}: {problem}; do not use it — please report it with {sidecar}", file=sys.stderr)
     if problems:
         return 1
-    print(f"philora: wrote {gguf_path} ({record['bytes'] / 1e6:.1f} MB)", file=sys.stderr)
-    if args.format == "ollama":
-        print(f"philora: `cd {gguf_path.parent} && ollama create NAME -f Modelfile`", file=sys.stderr)
+    print(f"philora: wrote {path} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    if ollama:
+        print(f"philora: `cd {path.parent} && ollama create NAME -f Modelfile`", file=sys.stderr)
     return 0
 
 
@@ -101,46 +106,27 @@ def output_paths(fmt: str, output: Path) -> tuple[Path, Path]:
     return output, output.with_suffix(".export.json")
 
 
-@dataclass
-class Source:
-    """The model being exported and what verification compares the GGUF with."""
-
-    path: Path
-    config: Any
-    tokenizer: Any
-    encoder: Any  # ChatEncoder: chat template, end-of-turn and stop ids
-    vocab: Any  # gguf_vocab.Vocab
-    prompts: list[list[int]]
-    reference: list[torch.Tensor]  # fp32 logits of the source on `prompts`
-
-    @property
-    def gguf_name(self) -> str:
-        from philora.export.vocab import gguf_name
-
-        return gguf_name(self.path.resolve().name, self.vocab.rstrip_specials)
-
-
 def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str, Any]:
-    """Write the GGUF (and Modelfile), verify it, and return the export.json record."""
+    """Write the GGUF (and Modelfile), verify it in llama.cpp, and return the export.json record."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from philora.config import ModelSection
     from philora.data.render import ChatEncoder
-    from philora.export.gguf import check_phi3, write_gguf
-    from philora.export.vocab import build_vocab
+    from philora.export import layouts, verify
+    from philora.export.vocab import build_vocab, gguf_name
     from philora.model.load import load_tokenizer
 
     config = AutoConfig.from_pretrained(path)
-    check_phi3(config, f"--model {path}")
+    layout = layouts.layout_of(config, f"--model {path}")
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
     encoder = ChatEncoder(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, encoder.end_of_turn_id)
     shape = ollama_shape(encoder) if ollama else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompts = parity_prompts(encoder)
-    source = Source(path, config, tokenizer, encoder, vocab, prompts, logits_of(model, prompts))
+    ref = verify.reference(model, config, tokenizer, encoder)
+    name = gguf_name(path.resolve().name, vocab.rstrip_specials)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(gguf_path, source.gguf_name, config, model.state_dict(), vocab, qtype)
+    written_by = write(gguf_path, name, config, model.state_dict(), vocab, qtype)
     del model
     stops = [tokenizer.convert_ids_to_tokens(i) for i in encoder.stop_ids]
     if shape is not None:
@@ -148,20 +134,40 @@ def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str
 
         text = modelfile(shape, gguf_path.name, stops, config.max_position_embeddings, str(path))
         (gguf_path.parent / "Modelfile").write_text(text)
-    check = verify(gguf_path, source, qtype)
+    check = verify.verify(gguf_path, ref, qtype)
     return {
         "source": str(path),
         "gguf": str(gguf_path),
         "type": qtype,
+        "written_by": written_by,
         "bytes": gguf_path.stat().st_size,
-        "name": source.gguf_name,
+        "architecture": layout.arch,
+        "name": name,
         "stop_tokens": stops,
         "eot_token_id": encoder.end_of_turn_id,
         "tokenizer_model": vocab.model,
         "tokenizer_pre": vocab.pre,
         **check,
-        "passed": check["tokenizer_identical"] and Parity(**check["parity"]).passed,
+        "passed": not verify.problems(check),
     }
+
+
+def write(gguf_path: Path, name: str, config: Any, state: dict[str, torch.Tensor], vocab: Any, qtype: str) -> str:
+    """The file in `qtype`: written directly by gguf-py, or quantized by llama.cpp from an f16 file; says which."""
+    from philora.export import llamacpp
+    from philora.export.gguf import WRITTEN_HERE, write_gguf
+
+    if qtype in WRITTEN_HERE:
+        write_gguf(gguf_path, name, config, state, vocab, qtype)
+        return "gguf-py (philora)"
+    f16 = gguf_path.with_name(gguf_path.stem + ".f16-tmp.gguf")
+    try:
+        write_gguf(f16, name, config, state, vocab, "f16")
+        fallbacks = llamacpp.quantize(f16, gguf_path, qtype)
+    finally:
+        f16.unlink(missing_ok=True)
+    note = f"; {fallbacks}" if fallbacks else ""
+    return f"llama.cpp llama_model_quantize ({llamacpp.version()}) from an f16 GGUF{note}"
 
 
 def ollama_shape(encoder: Any) -> Any:
@@ -169,58 +175,6 @@ def ollama_shape(encoder: Any) -> Any:
 
     end_of_turn = encoder.tokenizer.convert_ids_to_tokens(encoder.end_of_turn_id)
     return chat_shape(encoder.render, end_of_turn)
-
-
-def verify(gguf_path: Path, source: Source, qtype: str) -> dict[str, Any]:
-    """Read the GGUF back with transformers and compare its tokenizer and logits with the source's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from philora.export.vocab import as_llama_cpp_reads_it
-
-    with tempfile.TemporaryDirectory() as folder:  # nothing beside the file that transformers could pick up
-        name = gguf_path.name
-        (Path(folder) / name).symlink_to(gguf_path.resolve())
-        loaded = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        as_llama_cpp_reads_it(loaded, source.gguf_name, source.vocab.pre)
-        mismatch = tokenizer_mismatch(source.tokenizer, loaded, source.encoder)
-        kwargs: dict[str, Any] = {}
-        how = "transformers from_pretrained(gguf_file=...): config, weights and tokenizer from the GGUF"
-        if needs_source_config(source.config):
-            kwargs["config"] = source.config
-            how = "transformers from_pretrained(gguf_file=..., config=source's): its GGUF reader drops rope settings"
-            print(f"philora: verifying with the source config ({how.split(': ')[1]})", file=sys.stderr)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs).eval()
-        parity = compare(source.reference, logits_of(model, source.prompts), TOLERANCE[qtype])
-    return {
-        "verified_with": how,
-        "parity": asdict(parity),
-        "tokenizer_identical": mismatch is None,
-        "tokenizer_mismatch": mismatch,
-        "prompts": len(source.prompts),
-    }
-
-
-def needs_source_config(config: Any) -> bool:
-    from philora.export.gguf import rope_settings
-
-    rope = rope_settings(config)
-    return rope["rope_type"] != "default" or float(rope["partial_rotary_factor"]) != 1.0
-
-
-def tokenizer_mismatch(source: Any, loaded: Any, encoder: Any) -> str | None:
-    """None when the GGUF's tokenizer encodes the parity prompts and probes exactly like the source; else the
-    first text that differs."""
-    from philora.export.merge import PARITY_CONVERSATIONS
-
-    texts = [encoder.render(m, True) for m in PARITY_CONVERSATIONS] + TOKENIZER_PROBES
-    for text in texts:
-        want = source(text, add_special_tokens=False)["input_ids"]
-        got = loaded(text, add_special_tokens=False)["input_ids"]
-        if want != got:
-            return f"{text[:40]!r}: {want[:12]}… vs {got[:12]}…"
-    if (loaded.chat_template or None) != (source.chat_template or None):
-        return "the chat template differs"
-    return None
 
 
 def remove_partial(gguf_path: Path, remove_folder: bool) -> None:

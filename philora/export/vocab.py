@@ -15,8 +15,8 @@ The end-of-turn token is written as `eot_token_id` (eos stays the tokenizer's), 
 
 Phi-3's chat tokens swallow the whitespace after them (`rstrip`), and a GGUF has no field for that: llama.cpp
 applies it to every control token except <unk>, <s> and <|endoftext|> when `general.name` contains "phi3" or
-"phi-3", and to none otherwise. So the name is chosen to match the tokenizer (see `gguf_name`), and
-`as_llama_cpp_reads_it` applies the same rule to a tokenizer read back from the file, for verification.
+"phi-3", and to none otherwise. So the name is chosen to match the tokenizer (see `gguf_name`); verification in
+llama.cpp then shows the chat prompts tokenize as the source's do.
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ def _byte_level_vocab(tokenizer: Any, spec: dict[str, Any], vocab_size: int) -> 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None, normalizer: dict[str, Any] | None) -> str:
     """llama.cpp's name for the text split a byte-level BPE tokenizer does before merging."""
-    if normalizer is not None:  # llama.cpp normalizes nothing before a byte-level BPE
+    # llama.cpp normalizes nothing before a byte-level BPE. Qwen2's NFC changes only text not already in NFC (the
+    # usual form); llama.cpp's own converter writes such tokenizers as they are, and so does philora.
+    if normalizer is not None and normalizer.get("type") != "NFC":
         kind = normalizer.get("type")
         raise UserError(f"tokenizer: a byte-level BPE with a {kind} normalizer; GGUF has no form for it")
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
@@ -229,7 +231,6 @@ def _adds_specials(tokenizer: Any) -> tuple[bool, bool]:
 
 # llama.cpp (llama-vocab.cpp) keys the rstrip attribute of control tokens on the model's name.
 LLAMA_CPP_RSTRIP_NAMES = ("phi-3", "phi3")
-LLAMA_CPP_RSTRIP_EXEMPT = ("<unk>", "<s>", "<|endoftext|>")
 
 
 def gguf_name(name: str, rstrip_specials: bool) -> str:
@@ -240,22 +241,3 @@ def gguf_name(name: str, rstrip_specials: bool) -> str:
     if not rstrip_specials and named:
         return re.sub("phi-?3", "phi_3", name, flags=re.IGNORECASE)
     return name
-
-
-def as_llama_cpp_reads_it(tokenizer: Any, name: str, pre: str) -> None:
-    """Give `tokenizer`, read from a GGUF by transformers, the two llama.cpp rules transformers' reader leaves out:
-    rstrip on control tokens for a file named phi3, and the smollm split (digits one by one)."""
-    from tokenizers import AddedToken, pre_tokenizers
-
-    if pre == "smollm":
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    if not any(key in name.lower() for key in LLAMA_CPP_RSTRIP_NAMES):
-        return
-    tokens = [
-        AddedToken(t.content, rstrip=True, lstrip=t.lstrip, single_word=t.single_word, normalized=False, special=True)
-        for t in tokenizer.added_tokens_decoder.values()
-        if t.special and t.content not in LLAMA_CPP_RSTRIP_EXEMPT
-    ]
-    tokenizer.backend_tokenizer.add_special_tokens(tokens)
