@@ -40,6 +40,9 @@ TOKENIZER_PROBES = [
     "Grüße, naïve café: 東京 🚀",
 ]
 ANSWER_TOKENS = 48
+# llama.cpp's context for the prompt checks: the parity prompts and their answers fit, and it stays small, since
+# llama-cpp-python keeps logits for every position of it (512 × 200k floats for Phi-4-mini's vocabulary).
+SHORT_CONTEXT = 512
 LONG_EXTRA = 64  # positions checked past a longrope model's original context
 
 
@@ -54,7 +57,7 @@ class Reference:
     logits: list[torch.Tensor]  # fp32, every position of each prompt
     answers: list[tuple[str, str]]  # greedy (text, finish reason), one per parity conversation
     long_ids: list[int]  # longrope only: a sequence past the original context
-    long_logits: torch.Tensor | None
+    long_logits: torch.Tensor | None  # at the positions past the original context only
 
 
 def reference(model: Any, config: Any, tokenizer: Any, encoder: Any) -> Reference:
@@ -72,7 +75,7 @@ def reference(model: Any, config: Any, tokenizer: Any, encoder: Any) -> Referenc
         long_ids = (ids * (want // len(ids) + 1))[:want]
         print(f"philora: transformers on {want} tokens (past the original context of this longrope model)…",
               file=sys.stderr)  # fmt: skip
-        long_logits = logits_of(model, [long_ids])[0]
+        long_logits = logits_of(model, [long_ids])[0][want - LONG_EXTRA :]
     return Reference(config, tokenizer, encoder, prompts, logits_of(model, prompts), answers, long_ids, long_logits)
 
 
@@ -90,7 +93,8 @@ def compare_in_llama_cpp(gguf_path: Path, ref: Reference, qtype: str, lora: Path
     relative_bound, top1_floor = (limit, None) if measure == "relative" else (None, limit)
     # A longrope model uses its short factors while llama.cpp's context is within the original one.
     longrope = layouts.is_longrope(ref.config)
-    short_context = min(layouts.original_context(ref.config) if longrope else ref.config.max_position_embeddings, 4096)
+    limit = layouts.original_context(ref.config) if longrope else ref.config.max_position_embeddings
+    short_context = min(limit, SHORT_CONTEXT)
     with llamacpp.loaded(gguf_path, short_context, lora) as model:
         mismatch = tokenizer_mismatch(model, ref)
         parity = compare(ref.logits, [llamacpp.logits(model, ids) for ids in ref.prompts], relative_bound or math.inf)
@@ -112,7 +116,7 @@ def compare_in_llama_cpp(gguf_path: Path, ref: Reference, qtype: str, lora: Path
         past = layouts.original_context(ref.config)
         with llamacpp.loaded(gguf_path, len(ref.long_ids), lora) as model:
             got = llamacpp.logits(model, ref.long_ids)
-        long = compare([ref.long_logits[past:]], [got[past:]], relative_bound or math.inf)
+        long = compare([ref.long_logits], [got[past:]], relative_bound or math.inf)
         record["long_context"] = {**asdict(long), "tolerance": relative_bound, "top1_floor": top1_floor, "from": past}
     return record
 
