@@ -1,6 +1,7 @@
 """`philora chat` and the generation loop under it: the loop's greedy answers are transformers' own, alone or
 batched; answers stop at the end-of-turn token and never show it; text streams without splitting characters;
-the chat keeps history, /reset clears it, /exit quits, over a pipe."""
+the chat keeps history, /reset clears it, /exit quits, over a pipe; a multi-line message (between \"\"\" lines, or
+pasted in a terminal) is one turn."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from philora import cli
-from philora.infer.chat import Session, repl
+from philora.infer.chat import Session, read_message, repl
 from philora.infer.generation import Detokenizer, Row, Settings, StopText, complete, generate, prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +158,42 @@ def test_chat_command_answers_with_the_adapter(
     args = ["--adapter", str(tmp_path / "adapter"), "--dtype", "float32", "--system", "Be brief."]
     assert cli.main(["chat", *args, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out == f">>> {answer}\n>>> \n" and answer
+
+
+class Recorder:
+    """A session that records what it is asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def ask(self, text: str, on_text: Any) -> Any:
+        self.asked.append(text)
+        on_text("ok")
+        return type("Result", (), {"finish_reason": "stop"})()
+
+
+def test_lines_between_triple_quotes_are_one_turn_and_other_lines_one_each() -> None:
+    session = Recorder()
+    block = 'first\n"""\nDear team,\n\n/reset is text here\n"""\nlast\n"""\nleft open\nat the end\n'
+    out = io.StringIO()
+    assert repl(session, io.StringIO(block), out) == 0  # type: ignore[arg-type]
+    assert session.asked == ["first", "Dear team,\n\n/reset is text here", "last", "left open\nat the end"]
+    assert out.getvalue().count("... ") == 7  # the continuation prompt inside blocks
+
+
+def test_lines_pasted_into_a_terminal_together_are_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pseudo-terminal: lines written in one go (a paste) are one message; a line typed alone is its own."""
+    import pty
+
+    master, slave = pty.openpty()
+    terminal = os.fdopen(slave, "r")
+    monkeypatch.setattr(sys, "stdin", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # input() writes its prompt there
+    try:
+        os.write(master, b"pasted line one\npasted line two\n")
+        assert read_message(terminal, io.StringIO()) == "pasted line one\npasted line two"
+        os.write(master, b"typed alone\n")
+        assert read_message(terminal, io.StringIO()) == "typed alone"
+    finally:
+        terminal.close()
+        os.close(master)

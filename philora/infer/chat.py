@@ -1,7 +1,9 @@
 """`philora chat`: a multi-turn chat in the terminal, answers streamed as they are generated.
 
-Lines are read from stdin one at a time, so a pipe works as well as a terminal. `/reset` clears the history (the
-system prompt stays), `/exit`, `/quit` or end of input quit. Ctrl-C stops an answer; at the prompt it quits.
+Lines are read from stdin one at a time, so a pipe works as well as a terminal; each line is a turn. A message of
+several lines is one turn when it stands between two lines that are `\"\"\"` alone, or, in a terminal, when it is
+pasted (lines that arrive together). `/reset` clears the history (the system prompt stays), `/exit`, `/quit` or
+end of input quit. Ctrl-C stops an answer; at the prompt it quits.
 The conversation is rendered with the model's chat template each turn, the same rendering training used.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import select
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -18,6 +21,9 @@ from philora.errors import UserError
 from philora.infer.generation import BadPrompt, Completion, Settings, complete
 
 PROMPT = ">>> "
+CONTINUED = "... "
+BLOCK = '"""'  # a line of just this opens and closes a multi-line message
+PASTE_GAP = 0.05  # seconds: lines that follow each other closer than this in a terminal were pasted together
 HELP = "/reset clears the history, /exit quits"
 FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
 
@@ -62,30 +68,54 @@ class Printer:
             self.out.flush()
 
 
-def read_line(stdin: TextIO, out: TextIO) -> str | None:
+def read_line(stdin: TextIO, out: TextIO, prompt: str = PROMPT) -> str | None:
     """The next line, or None at end of input. A terminal gets line editing through `input()`."""
-    if stdin is sys.stdin and stdin.isatty():
+    if is_terminal(stdin):
         try:
-            return input(PROMPT)
+            return input(prompt)
         except EOFError:
             return None
-    out.write(PROMPT)
+    out.write(prompt)
     out.flush()
     line = stdin.readline()
     return line.rstrip("\r\n") if line else None
+
+
+def read_message(stdin: TextIO, out: TextIO) -> str | None:
+    """The next message: one line; the lines between two `\"\"\"` lines; or in a terminal, the lines of one paste.
+    None at end of input (a block left open at the end is the message)."""
+    first = read_line(stdin, out)
+    if first is None or first.strip() != BLOCK:
+        lines = [] if first is None else [first]
+        while lines and pasted_more(stdin) and (line := read_line(stdin, out, "")) is not None:
+            lines.append(line)
+        return "\n".join(lines) if lines else None
+    lines = []
+    while (line := read_line(stdin, out, CONTINUED)) is not None and line.strip() != BLOCK:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def is_terminal(stdin: TextIO) -> bool:
+    return stdin is sys.stdin and stdin.isatty()
+
+
+def pasted_more(stdin: TextIO) -> bool:
+    """In a terminal: another line is already waiting, so this one came in the same paste."""
+    return is_terminal(stdin) and bool(select.select([stdin], [], [], PASTE_GAP)[0])
 
 
 def repl(session: Session, stdin: TextIO, out: TextIO) -> int:
     """Read, answer, repeat until /exit or end of input."""
     while True:
         try:
-            line = read_line(stdin, out)
+            message = read_message(stdin, out)
         except KeyboardInterrupt:
-            line = None
-        if line is None:
+            message = None
+        if message is None:
             out.write("\n")
             return 0
-        text = line.strip()
+        text = message.strip()
         if text in ("/exit", "/quit"):
             return 0
         if text == "/reset":
