@@ -160,6 +160,8 @@ AFTER_TRAINING = {
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "export" and args.format == "gguf-lora":  # an adapter, not a merged model
+        return importlib.import_module("philora.export.lora_gguf").main(args)
     if args.command in AFTER_TRAINING:
         return importlib.import_module(AFTER_TRAINING[args.command]).main(args)
     from philora.config import dump_documented, load_config

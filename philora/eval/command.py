@@ -76,9 +76,8 @@ def main(args: argparse.Namespace) -> int:
         if split.pairs:
             pairs = PairBatches(split.pairs, encoder.tokenizer.pad_token_id, 2 * dc.max_length)
             evaluation["preference"] = preference(model, pairs, tc, batch_size, start)
-            print(f"philora: held-out pairs ({len(split.pairs)}): reward accuracy "
-                  f"{100 * evaluation['preference']['rewards/accuracies']:.1f}%, reward margin "
-                  f"{evaluation['preference']['rewards/margins']:.3f}", file=sys.stderr)  # fmt: skip
+            measured = evaluation["preference"]
+            print(f"philora: {table.format_preference(measured, measured['method'])}", file=sys.stderr)
     out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
     report.write_results(out, evaluation, adapter.path.parent if run else None)
     print(table.format_comparison(evaluation), file=sys.stderr)

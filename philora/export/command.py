@@ -39,14 +39,6 @@ OLLAMA_GGUF = "model.gguf"
 
 
 def main(args: argparse.Namespace) -> int:
-    from philora.export import verify
-
-    if args.format == "gguf-lora":
-        if not args.adapter:
-            raise UserError("export gguf-lora: give --adapter DIR (the adapter, or its run dir)")
-        from philora.export.lora_gguf import main as export_lora
-
-        return export_lora(args)
     if not args.model or args.adapter:
         raise UserError(f"export {args.format}: give --model DIR, a merged model (philora merge); not --adapter")
     source = check_source(Path(args.model).expanduser())
@@ -57,21 +49,26 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         remove_partial(gguf_path, args.format == "ollama" and not folder_existed)
         raise
+    status = conclude(record, f"GGUF {args.type}", gguf_path, sidecar, started)
+    if status == 0 and args.format == "ollama":
+        print(f"philora: `cd {gguf_path.parent} && ollama create NAME -f Modelfile`", file=sys.stderr)
+    return status
+
+
+def conclude(record: dict[str, Any], what: str, path: Path, sidecar: Path, started: float) -> int:
+    """Write the verification record beside the file and print the verdict: its summary, then each problem as an
+    error (exit 1), or where the file is."""
+    from philora.export import verify
+
     record["seconds"] = round(time.time() - started, 1)
     sidecar.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    print(verify.summary(f"GGUF {args.type}", record), file=sys.stderr)
-    return report_problems(verify.problems(record), gguf_path, sidecar, record["bytes"], args.format == "ollama")
-
-
-def report_problems(problems: list[str], path: Path, sidecar: Path, size: int, ollama: bool = False) -> int:
-    """Print the verdict: each problem as an error (exit 1), or where the file is."""
+    print(verify.summary(what, record), file=sys.stderr)
+    problems = verify.problems(record)
     for problem in problems:
         print(f"philora: error: {path}: {problem}; do not use it — please report it with {sidecar}", file=sys.stderr)
     if problems:
         return 1
-    print(f"philora: wrote {path} ({size / 1e6:.1f} MB)", file=sys.stderr)
-    if ollama:
-        print(f"philora: `cd {path.parent} && ollama create NAME -f Modelfile`", file=sys.stderr)
+    print(f"philora: wrote {path} ({record['bytes'] / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ llama.cpp writes them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,20 @@ def gguf_tensors(
 
 def tensor_name(config: Any, layout: Layout, hf_name: str) -> str:
     """`model.layers.3.self_attn.qkv_proj.weight` → `blk.3.attn_qkv.weight` for this layout."""
-    import gguf
-
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == layout.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     base, _, suffix = hf_name.rpartition(".")
-    name = names.get_name(base)
+    name = name_map(layout.arch, config.num_hidden_layers).get_name(base)
     if name is None:
         raise UserError(f"the model has a tensor {hf_name} that the {layout.arch} GGUF layout has no place for")
     return f"{name}.{suffix}"
+
+
+@functools.cache
+def name_map(arch_name: str, blocks: int) -> Any:
+    """gguf-py's HF → GGUF tensor names for an architecture (built once: it spells out every block's names)."""
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    return gguf.get_tensor_name_map(arch, blocks)
 
 
 def encode(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:

@@ -14,7 +14,6 @@ with this adapter applied must agree with transformers' base + adapter by the ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,11 +31,12 @@ ALPHA_FOLDED = 0.0  # llama.cpp: alpha 0 → scale 1 (B already holds alpha / r)
 
 
 def main(args: argparse.Namespace) -> int:
-    from philora.export import verify
-    from philora.export.command import output_paths, report_problems
+    from philora.export.command import conclude, output_paths
     from philora.export.merge import check_adapter_kind
     from philora.infer.adapters import read_adapter
 
+    if not args.adapter:
+        raise UserError("export gguf-lora: give --adapter DIR (the adapter, or its run dir)")
     adapter = read_adapter(args.adapter)
     check_adapter_kind(adapter)
     path, sidecar = output_paths("gguf", Path(args.output).expanduser())
@@ -47,10 +47,7 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    record["seconds"] = round(time.time() - started, 1)
-    sidecar.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    print(verify.summary(f"GGUF LoRA on a {record['base_type']} base", record), file=sys.stderr)
-    status = report_problems(verify.problems(record), path, sidecar, record["bytes"])
+    status = conclude(record, f"GGUF LoRA on a {record['base_type']} base", path, sidecar, started)
     if status == 0:
         print(f"philora: `llama-cli -m BASE.gguf --lora {path}`, or `ADAPTER {path}` in a Modelfile", file=sys.stderr)
     return status
