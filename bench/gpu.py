@@ -70,7 +70,7 @@ def build_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from philora.data.render import PHI3_TEMPLATE
+    from philora.data.templates import PHI3_TEMPLATE
 
     vocab = {SPECIALS.get(i, f"w{i}" if FIRST_WORD <= i <= LAST_WORD else f"<|placeholder{i}|>"): i
              for i in range(vocab_size)}  # fmt: skip

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -111,6 +114,60 @@ def phi3_style(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactor
 
 PHI3_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+# Phi-4-mini-instruct's chat template (its tokenizer_config.json) and its special tokens at their ids there.
+PHI4_MINI_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is "
+    "not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + "
+    "'<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI4_MINI_SPECIALS = {
+    "<|endoftext|>": 199999,
+    "<|endofprompt|>": 200018,
+    "<|assistant|>": 200019,
+    "<|end|>": 200020,
+    "<|user|>": 200021,
+    "<|system|>": 200022,
+    "<|tool|>": 200023,
+    "<|/tool|>": 200024,
+    "<|tool_call|>": 200025,
+    "<|/tool_call|>": 200026,
+    "<|tool_response|>": 200027,
+    "<|tag|>": 200028,
+}
+
+
+@pytest.fixture(scope="session")
+def phi4_mini_tokenizer(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer shaped like Phi-4-mini-instruct's where it matters here: its chat template, and its chat and
+    tool special tokens at their real ids (a 200k vocabulary: byte-level BPE borrowed from the embedded model,
+    padded with unreachable entries up to id 199998)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(Tokenizer.from_file(str(embedded_tokenizer / "tokenizer.json")).to_str())
+    vocab = spec["model"]["vocab"]
+    for added in spec["added_tokens"]:  # SmolLM2's own specials become plain unreachable entries
+        del vocab[added["content"]]
+        vocab[f"<unused_{added['id']}>"] = added["id"]
+    vocab.update({f"<pad_{i}>": i for i in range(len(vocab), min(PHI4_MINI_SPECIALS.values()))})
+    spec["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t, i in PHI4_MINI_SPECIALS.items()
+    ]  # fmt: skip
+    vocab.update({t: i for t, i in PHI4_MINI_SPECIALS.items()})
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=PHI4_MINI_TEMPLATE,
+    )
+    path = tmp_path_factory.mktemp("phi4-mini-tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
 
 def pair_data(tmp_path: Path, tiny_data: tuple[Path, Path]) -> tuple[Path, Path]:
     """Pairs made from the tiny data by the script that makes the shipped preference sample."""
@@ -156,3 +213,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "embedded_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in model for generate(): each answer is the next scripted one, one token a step (the only token
+    with any probability) and then the end-of-turn token. It keeps every prompt it is given. One request at a time."""
+
+    def __init__(self, encoder: Any) -> None:  # a ChatEncoder
+        from transformers import Phi3Config
+
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # generate() finds the device here
+        vocab = max(encoder.tokenizer.get_vocab().values()) + 1  # ids may skip some (Phi-4-mini's do)
+        self.config = Phi3Config(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+        self.encoder = encoder
+        self.answers: deque[list[int]] = deque()
+        self.prompts: list[list[int]] = []
+        self.steps: deque[int] = deque()
+        self.cache: Any = None
+        self.logits = torch.full((1, 1, vocab), -torch.inf)
+
+    def script(self, text: str) -> None:
+        self.answers.append([*self.encoder.tokenize([text])[0], self.encoder.end_of_turn_id])
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Any = None, **kwargs: Any) -> SimpleNamespace:
+        if past_key_values is not self.cache:  # a fresh cache: generate() starts an answer
+            assert input_ids.shape[0] == 1, "the scripted model answers one request at a time"
+            self.cache = past_key_values
+            self.prompts.append(input_ids[0].tolist())
+            self.steps = deque(self.answers.popleft())
+        logits = self.logits.clone()
+        logits[0, -1, self.steps.popleft()] = 0.0  # probability 1, sampled or not
+        return SimpleNamespace(logits=logits)

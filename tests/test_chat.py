@@ -49,9 +49,10 @@ def test_greedy_answers_are_transformers_own_alone_and_batched(lora: tuple[Any, 
 
     model, encoder = lora
     answered: list[int] = []  # eval's progress: one call per batch, with its size
-    reference = hf_generate(model, encoder, [chat(p) for p in PROMPTS], 10, batch_size=3, answered=answered.append)
+    prompts = [(chat(p), None) for p in PROMPTS]  # (messages, tools) as eval gives them
+    reference = hf_generate(model, encoder, prompts, 10, batch_size=3, answered=answered.append)
     assert answered == [3, len(PROMPTS) - 3]
-    assert hf_generate(model, encoder, [chat(p) for p in PROMPTS], max_new_tokens=10, batch_size=1) == reference
+    assert hf_generate(model, encoder, prompts, max_new_tokens=10, batch_size=1) == reference
     alone = [complete(model, encoder, chat(p), Settings(max_new_tokens=10, temperature=0)) for p in PROMPTS]
     lengths = (10, 3, 10, 6)  # rows leave the batch at different steps
     rows = [

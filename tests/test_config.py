@@ -63,6 +63,9 @@ def test_every_preset_is_valid(preset: str) -> None:
         )
         assert tc.method == "dpo" and data.train is None
         return
+    if preset == "demo-tools":  # the embedded model on the shipped tool-calling sample
+        assert model.name_or_path is None and (data.train, data.eval) == ("sample:tools-train", "sample:tools-eval")
+        return
     family, _, method = preset.rpartition("-")
     expected = {"phi3-mini-4k": ("microsoft/Phi-3-mini-4k-instruct", 4096),
                 "phi3-mini-128k": ("microsoft/Phi-3-mini-128k-instruct", 131072),

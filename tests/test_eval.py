@@ -55,8 +55,9 @@ def synthetic_evaluation(base: bool = True) -> dict:
         (
             [{"role": "system", "content": "Return JSON."}, {"role": "user", "content": "Ann Lee"}],
             '{"name": "Ann Lee"}',
+            None,
         ),
-        ([{"role": "user", "content": HOSTILE}], HOSTILE),
+        ([{"role": "user", "content": HOSTILE}], HOSTILE, None),
     ]
     generations = {"before": ["Sure! Ann", "no"]} if base else {}
     generations["after"] = ['{"name": "Ann Lee"}', HOSTILE + " ```"]

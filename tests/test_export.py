@@ -115,7 +115,7 @@ def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import normalizers
     from transformers import AddedToken, AutoTokenizer, LlamaTokenizer
 
-    from philora.data.render import PHI3_TEMPLATE
+    from philora.data.templates import PHI3_TEMPLATE
 
     path = tmp_path_factory.mktemp("spm")
     rows = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines()[:200]]

@@ -8,7 +8,8 @@ import pytest
 
 from philora.config import ModelSection
 from philora.data.formats import Conversation, RowProblem
-from philora.data.render import IGNORE, PHI3_TEMPLATE, ChatEncoder, TemplateError
+from philora.data.render import IGNORE, ChatEncoder, TemplateError
+from philora.data.templates import PHI3_TEMPLATE
 from philora.model.load import load_tokenizer
 
 CHAT = [

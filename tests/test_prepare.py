@@ -37,7 +37,7 @@ def trained_text(encoder: ChatEncoder, sample) -> str:
 
 
 def fit(encoder: ChatEncoder, messages: list[dict], max_length: int, overlong: str, train_on: str = "assistant"):
-    (outcome,) = encode_all([Conversation("x", messages=messages)], encoder, (train_on, max_length, overlong), 1)
+    (outcome,) = encode_all([Conversation("x", messages=messages)], encoder, (train_on, max_length, overlong, True), 1)
     return outcome
 
 
@@ -89,8 +89,8 @@ def test_parallel_encoding_equals_one_process(encoder: ChatEncoder) -> None:
     rows = [Conversation(f"x:{i}", messages=chat(1 + i % 3, words=3 + i % 7)) for i in range(300)]
     injected = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<|im_end|>"}]
     rows[7] = Conversation("x:7", messages=injected)
-    one = encode_all(rows, encoder, ("assistant", 120, "split"), 1)
-    two = encode_all(rows, encoder, ("assistant", 120, "split"), 2)
+    one = encode_all(rows, encoder, ("assistant", 120, "split", True), 1)
+    two = encode_all(rows, encoder, ("assistant", 120, "split", True), 2)
     assert [(o.fit, o.problem) for o in one] == [(o.fit, o.problem) for o in two]
     assert [[(s.input_ids.tolist(), s.labels.tolist()) for s in o.samples] for o in one] == [
         [(s.input_ids.tolist(), s.labels.tolist()) for s in o.samples] for o in two

@@ -92,6 +92,11 @@ class DataSection:
     train_on: Literal["assistant", "last_assistant", "all"] = doc(
         "assistant", "which tokens carry loss: every assistant turn, only the last one, or the whole chat"
     )
+    train_on_reasoning: bool = doc(
+        True,
+        "an assistant message's reasoning (its reasoning_content, or a <think> block opening its content) carries "
+        "loss with the answer (true), or stays in the text without loss (false: the answer is learned given it)",
+    )
     on_bad_row: Literal["error", "skip"] = doc(
         "error", "a malformed row stops the run (error) or is counted and skipped"
     )

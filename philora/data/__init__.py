@@ -99,9 +99,20 @@ def source_specs(dc: DataSection, method: str = "sft") -> tuple[str, str | None]
     return dc.train, dc.eval if isinstance(dc.eval, str) else None
 
 
+def sample(spec: str) -> str:
+    """`sample:NAME` is philora's shipped philora/sample/NAME.jsonl (the demos' data); other specs are as given."""
+    if not spec.startswith("sample:"):
+        return spec
+    path = SAMPLE_DIR / f"{spec.removeprefix('sample:')}.jsonl"
+    if not path.is_file():
+        names = ", ".join(f"sample:{p.stem}" for p in sorted(SAMPLE_DIR.glob("*.jsonl")))
+        raise UserError(f"{spec}: no such sample dataset; philora ships {names}")
+    return str(path)
+
+
 def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) -> SourceData:
     """Read, convert and encode one source, reusing the cached encoding of identical inputs."""
-    source = read_source(spec, purpose)
+    source = read_source(sample(spec), purpose)
     columns = Columns(dc.columns)
     formats = []  # per file: a folder may mix formats
     rows: list[Conversation | str] = []  # a conversation, or the problem that rejected the row
@@ -115,8 +126,10 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
             except RowProblem as e:
                 rows.append(f"{raw.where}: {e}")
     conversations = [r for r in rows if isinstance(r, Conversation)]
+    if any(c.tools for c in conversations):
+        encoder.use_tools()  # before the cache key: a template given tools support is another template
     digest = source.digest.hexdigest()
-    settings = (dc.train_on, dc.max_length, dc.overlong)
+    settings = (dc.train_on, dc.max_length, dc.overlong, dc.train_on_reasoning)
     entry = cache.key(digest, formats, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings)
     outcomes = cache.load(entry) if dc.cache else None
     from_cache = outcomes is not None and len(outcomes) == len(conversations)

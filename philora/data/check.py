@@ -9,7 +9,15 @@ from typing import Any
 from philora.config import Config
 from philora.data import Split, load_source, problem_lines
 from philora.data.render import ChatEncoder
-from philora.data.report import highlight, segments, source_line, source_stats, split_lines, split_stats
+from philora.data.report import (
+    highlight,
+    segments,
+    shown_sample,
+    source_line,
+    source_stats,
+    split_lines,
+    split_stats,
+)
 
 
 def check(config: Config, spec: str, tokenizer: Any, as_json: bool = False) -> int:
@@ -20,7 +28,7 @@ def check(config: Config, spec: str, tokenizer: Any, as_json: bool = False) -> i
     source = load_source(spec, "train", dc, encoder)
     split = Split(source.records)
     stats = split_stats(split, dc.max_length)
-    first = split.samples[0] if split.samples else None
+    first = shown_sample(split) if split.samples else None
     if as_json:
         sample = [{"text": t, "trained": trained} for t, trained in segments(first, encoder.tokenizer)] if first else []
         record = {**source_stats(source), **stats, "problems": source.problems, "sample": sample}

@@ -35,9 +35,12 @@ class Outcome:
 
 
 def encode_all(
-    conversations: Sequence[Conversation], encoder: ChatEncoder, settings: tuple[str, int, str], num_proc: int | None
+    conversations: Sequence[Conversation],
+    encoder: ChatEncoder,
+    settings: tuple[str, int, str, bool],
+    num_proc: int | None,
 ) -> list[Outcome]:
-    """Outcomes in input order; `settings` is (train_on, max_length, overlong)."""
+    """Outcomes in input order; `settings` is (train_on, max_length, overlong, train_on_reasoning)."""
     chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
     processes = worker_count(num_proc, len(conversations))
     global _WORK
@@ -67,29 +70,42 @@ def worker_count(num_proc: int | None, n: int) -> int:
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
-_WORK: tuple[ChatEncoder, tuple[str, int, str]] | None = None
+_WORK: tuple[ChatEncoder, tuple[str, int, str, bool]] | None = None
 
 
 def _encode_chunk(chunk: Sequence[Conversation]) -> list[Outcome]:
     assert _WORK is not None
-    encoder, (train_on, max_length, overlong) = _WORK
-    singles = iter(encoder.encode_many([row for row in chunk if row.rejected is None], train_on))
+    encoder, (train_on, max_length, overlong, reasoning) = _WORK
+    # A row whose template re-renders earlier turns (dropping their reasoning) is one conversation per answer.
+    views = [encoder.as_rendered(row, train_on) if row.rejected is None else [] for row in chunk]
+    singles = iter(encoder.encode_many([view for row in views for view in row], train_on, reasoning))
     # A pair's two sides are scored on their last answer alone, whatever train_on says.
     sides = [Conversation(row.source, messages=side) for row in chunk if row.rejected is not None for side in row.sides]
-    paired = iter(encoder.encode_many(sides, "last_assistant"))
+    paired = iter(encoder.encode_many(sides, "last_assistant", reasoning))
     outcomes = []
-    for row in chunk:
+    for row, row_views in zip(chunk, views, strict=True):
         try:
             if row.rejected is not None:
                 outcomes.append(fit_pair((next(paired), next(paired)), max_length, overlong))
                 continue
-            result = next(singles)
-            if isinstance(result, RowProblem):
-                raise result
-            outcomes.append(fit_length(row, result, encoder, train_on, max_length, overlong))
+            fits = []
+            for view, result in [(view, next(singles)) for view in row_views]:
+                if isinstance(result, RowProblem):
+                    raise result
+                fits.append(fit_length(view, result, encoder, (train_on, max_length, overlong, reasoning)))
+            outcomes.append(_joined(fits))
         except RowProblem as e:
             outcomes.append(Outcome(fit="untrained" if isinstance(e, NothingToTrain) else "rejected", problem=str(e)))
     return outcomes
+
+
+def _joined(fits: list[Outcome]) -> Outcome:
+    """One row's outcome from those of its views: their samples, and the worst fit among them."""
+    if len(fits) == 1:
+        return fits[0]
+    worst = max((f.fit for f in fits), key=("whole", "split", "truncated", "dropped").index)
+    samples = [s for f in fits for s in f.samples]
+    return Outcome(samples, worst if samples else "dropped")
 
 
 def fit_pair(sides: tuple[Sample | RowProblem, Sample | RowProblem], max_length: int, overlong: str) -> Outcome:
@@ -121,14 +137,15 @@ def _environment(name: str, value: str) -> Iterator[None]:
 
 
 def fit_length(
-    row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: str, max_length: int, overlong: str
+    row: Conversation, sample: Sample, encoder: ChatEncoder, settings: tuple[str, int, str, bool]
 ) -> Outcome:
+    _, max_length, overlong, _ = settings
     if len(sample.input_ids) <= max_length:
         return Outcome([sample])
     if overlong == "drop":
         return Outcome(fit="dropped")
     if overlong == "split":
-        pieces = _split(row, sample, encoder, train_on, max_length)
+        pieces = _split(row, sample, encoder, settings)
         return Outcome(pieces, "split" if len(pieces) > 1 else "truncated" if pieces else "dropped")
     cut = truncate(sample, max_length)
     return Outcome([cut], "truncated") if cut else Outcome(fit="dropped")
@@ -143,7 +160,10 @@ def truncate(sample: Sample, max_length: int) -> Sample | None:
     return Sample(sample.input_ids[:cut].copy(), labels.copy(), [e for e in sample.turn_ends if e <= cut])
 
 
-def _split(row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: str, max_length: int) -> list[Sample]:
+def _split(
+    row: Conversation, sample: Sample, encoder: ChatEncoder, settings: tuple[str, int, str, bool]
+) -> list[Sample]:
+    train_on, max_length, _, reasoning = settings
     if row.messages is None:  # text: consecutive windows of max_length tokens
         starts = range(0, len(sample.input_ids), max_length)
         return [
@@ -160,7 +180,7 @@ def _split(row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: st
         groups[-1].append(m)
     chunks: list[list[dict[str, Any]]] = []
     for group in groups:
-        if chunks and len(encoder.ids(system + chunks[-1] + group)) <= max_length:
+        if chunks and len(encoder.ids(system + chunks[-1] + group, tools=row.tools)) <= max_length:
             chunks[-1] += group
         else:
             chunks.append(list(group))
@@ -168,7 +188,7 @@ def _split(row: Conversation, sample: Sample, encoder: ChatEncoder, train_on: st
     for chunk in chunks:
         if train_on != "all" and not any(m.get("train") for m in chunk):
             continue
-        piece = encoder.encode(system + chunk, "all" if train_on == "all" else "assistant")
+        piece = encoder.encode(system + chunk, "all" if train_on == "all" else "assistant", row.tools, reasoning)
         piece = piece if len(piece.input_ids) <= max_length else truncate(piece, max_length)
         if piece is not None:
             pieces.append(piece)

@@ -1,8 +1,13 @@
 """Row formats: detect which one a source holds, and turn each row into a conversation or a problem.
 
 Formats (field names can be remapped with `data.columns`, e.g. `{prompt: question, completion: answer}`):
-- messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "train": false?}]}`
-- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}], "system"?: "..."}`
+- messages: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "...", "train": false?}],
+  "tools"?: [...]}`; with tools (OpenAI function schemas), assistant messages may carry `tool_calls` (content
+  then optional) and `tool` messages give the results (`tool_call_id`, `name` optional): see tools.py. An
+  assistant message may carry its reasoning in `reasoning_content` (or a <think> block at the start of content)
+- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": "..."}],
+  "system"?: "...", "tools"?: "..."}`: a function_call turn is an assistant turn of calls (its value the JSON of
+  one `{"name", "arguments"}` or a list of them), an observation the tool results (a JSON list: one per call)
 - alpaca: `{"instruction": "...", "input"?: "...", "output": "...", "system"?: "...", "history"?: [[q, a]]}`;
   the user turn is the instruction, then a blank line and the input when there is one
 - prompt_completion: `{"prompt": ..., "completion": ...}`, each a string (one user / one assistant message) or a
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from philora.data.sources import BadRow, Part
+from philora.data.tools import BadTools, check_calls, check_results, check_tools
 from philora.errors import UserError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
@@ -43,8 +49,9 @@ FIELDS = (
     "content",
     "from",
     "value",
+    "tools",
 )
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -53,6 +60,9 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "chatgpt": "assistant",
     "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
 EXAMPLES = {
     "messages": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
@@ -75,6 +85,7 @@ class RowProblem(ValueError):
 class Conversation:
     source: str  # file:line
     messages: list[dict[str, Any]] | None = None  # role, content, and train: false where an answer is not trained
+    tools: list[dict[str, Any]] | None = None  # the function schemas the conversation offers (tools.py)
     text: str | None = None  # the text format: no template, every token trained
     rejected: dict[str, Any] | None = None  # a preference pair: the rejected answer instead of messages[-1]
 
@@ -151,14 +162,30 @@ def to_conversation(value: Any, where: str, fmt: str, columns: Columns) -> Conve
         return Conversation(where, text=_text(value, columns["text"], allow_blank=False))
     if fmt == "preference":
         return _preference(value, where, columns)
-    messages = {
-        "messages": _messages,
-        "sharegpt": _sharegpt,
-        "alpaca": _alpaca,
-        "prompt_completion": _prompt_completion,
-    }[fmt](value, columns)
-    check_turns(messages, "conversations" if fmt == "sharegpt" else "messages")
-    return Conversation(where, messages=messages)
+    tools = _tools(value, columns) if fmt in ("messages", "sharegpt") else []
+    field = "conversations" if fmt == "sharegpt" else "messages"
+    try:
+        messages = {
+            "messages": _messages,
+            "sharegpt": _sharegpt,
+            "alpaca": _alpaca,
+            "prompt_completion": _prompt_completion,
+        }[fmt](value, columns, tools)
+        check_results(messages, field)
+    except BadTools as e:
+        raise RowProblem(str(e)) from None
+    check_turns(messages, field)
+    return Conversation(where, messages=messages, tools=tools or None)
+
+
+def _tools(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+    value = row.get(columns["tools"])
+    if value is None or value == "" or value == []:
+        return []
+    try:
+        return check_tools(value, columns["tools"])
+    except BadTools as e:
+        raise RowProblem(str(e)) from None
 
 
 def _text(row: dict[str, Any], key: str, allow_blank: bool = True) -> str:
@@ -188,7 +215,11 @@ def _list(row: dict[str, Any], key: str, what: str = "a non-empty list of messag
 
 
 def _messages(
-    row: dict[str, Any], columns: Columns, key: str = "messages", what: str = "a non-empty list of messages"
+    row: dict[str, Any],
+    columns: Columns,
+    tools: list[dict[str, Any]] | None = None,
+    key: str = "messages",
+    what: str = "a non-empty list of messages",
 ) -> list[dict[str, Any]]:
     field, role_key, content_key = columns[key], columns["role"], columns["content"]
     result = []
@@ -198,18 +229,43 @@ def _messages(
         role = m.get(role_key)
         if role not in ROLES:
             raise RowProblem(f"{field}[{i}].{role_key} is {role!r}; use one of {', '.join(ROLES)}")
-        result.append(_message(m, f"{field}[{i}]", role, content_key))
+        place = f"{field}[{i}]"
+        calls = None
+        if m.get("tool_calls") not in (None, []):
+            if role != "assistant":
+                raise RowProblem(f"{place} is a {role} message with tool_calls; only assistant messages make calls")
+            calls = check_calls(m["tool_calls"], f"{place}.tool_calls", tools or [], i)
+        message = _message(m, place, role, content_key, optional=calls is not None)
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            for name in ("tool_call_id", "name"):
+                if m.get(name) is not None:
+                    message[name] = str(m[name])
+        result.append(message)
     return result
 
 
-def _message(m: dict[str, Any], place: str, role: str, content_key: str) -> dict[str, Any]:
+def _message(m: dict[str, Any], place: str, role: str, content_key: str, optional: bool = False) -> dict[str, Any]:
+    """One message's text (a tool result given as JSON is kept as its JSON text), its reasoning, its train flag.
+    `optional`: an assistant message of tool calls, which needs no text."""
     content = m.get(content_key)
+    if role == "tool" and isinstance(content, (dict, list)):
+        content = json.dumps(content, ensure_ascii=False)
+    if content is None and optional:
+        content = ""
     if not isinstance(content, str):
         what = "missing" if content_key not in m else f"a {type(content).__name__}"
         raise RowProblem(f"{place}.{content_key} is {what}; it must be a string")
-    if not content.strip():
+    if not content.strip() and not optional and role != "tool":
         raise RowProblem(f"{place}.{content_key} is empty; remove the message or give it text")
     message: dict[str, Any] = {"role": role, "content": content}
+    reasoning = m.get("reasoning_content")
+    if reasoning is not None:
+        if role != "assistant" or not isinstance(reasoning, str):
+            raise RowProblem(f"{place}.reasoning_content must be a string on an assistant message")
+        if reasoning.strip():
+            message["reasoning_content"] = reasoning
     if "train" in m:
         if not isinstance(m["train"], bool):
             raise RowProblem(f"{place}.train is {m['train']!r}; use true or false")
@@ -219,7 +275,7 @@ def _message(m: dict[str, Any], place: str, role: str, content_key: str) -> dict
     return message
 
 
-def _sharegpt(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+def _sharegpt(row: dict[str, Any], columns: Columns, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     field, from_key, value_key = columns["conversations"], columns["from"], columns["value"]
     result = []
     system = _text(row, columns["system"])
@@ -228,16 +284,51 @@ def _sharegpt(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
     for i, m in enumerate(_list(row, field)):
         if not isinstance(m, dict):
             raise RowProblem(f"{field}[{i}] is a {type(m).__name__}; expected an object with from and value")
-        speaker = m.get(from_key)
+        speaker, place = m.get(from_key), f"{field}[{i}]"
         if speaker not in SHAREGPT_ROLES:
             raise RowProblem(
-                f"{field}[{i}].{from_key} is {speaker!r}; use one of system, human, gpt (or user, assistant)"
+                f"{place}.{from_key} is {speaker!r}; use one of system, human, gpt, function_call, observation "
+                "(or user, assistant, tool)"
             )
-        result.append(_message(m, f"{field}[{i}]", SHAREGPT_ROLES[speaker], value_key))
+        if speaker == "function_call":
+            value = _json_value(m.get(value_key), f"{place}.{value_key}")
+            calls = check_calls(value if isinstance(value, list) else [value], f"{place}.{value_key}", tools, i)
+            result.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif speaker == "observation":
+            result += _observations(m.get(value_key), result, f"{place}.{value_key}")
+        else:
+            result.append(_message(m, place, SHAREGPT_ROLES[speaker], value_key))
     return result
 
 
-def _alpaca(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+def _json_value(value: Any, place: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RowProblem(f"{place} is not valid JSON ({e.msg} at column {e.colno}); give the call as JSON") from None
+
+
+def _observations(value: Any, before: list[dict[str, Any]], place: str) -> list[dict[str, Any]]:
+    """A ShareGPT observation: one tool message per call of the function_call turn before it (a JSON list of
+    results when it made several)."""
+    calls = before[-1].get("tool_calls", []) if before else []
+    if len(calls) > 1:
+        results = _json_value(value, place)
+        if not isinstance(results, list) or len(results) != len(calls):
+            raise RowProblem(
+                f"{place}: the function_call before it made {len(calls)} calls; give a JSON list of "
+                f"{len(calls)} results, one per call, in order"
+            )
+    else:
+        results = [value]
+    return [
+        {"role": "tool", "content": r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)} for r in results
+    ]
+
+
+def _alpaca(row: dict[str, Any], columns: Columns, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     instruction = _text(row, columns["instruction"], allow_blank=False)
     extra = _text(row, columns["input"])
     output = _text(row, columns["output"], allow_blank=False)
@@ -252,7 +343,7 @@ def _alpaca(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
     return [*result, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _prompt_completion(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
+def _prompt_completion(row: dict[str, Any], columns: Columns, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _prompt(row, columns) + _answer(row, columns, "completion")
 
 
@@ -261,7 +352,7 @@ def _answer(row: dict[str, Any], columns: Columns, key: str) -> list[dict[str, A
     field = columns[key]
     if _plain_text(row[field]):
         return [{"role": "assistant", "content": _text(row, field, allow_blank=False)}]
-    answer = _messages(row, columns, key, EITHER)
+    answer = _messages(row, columns, None, key, EITHER)
     if any(m["role"] != "assistant" for m in answer):
         raise RowProblem(f"{field!r} may only hold assistant messages; move the others into the prompt")
     return answer
@@ -290,7 +381,7 @@ def _preference(row: dict[str, Any], where: str, columns: Columns) -> Conversati
             if len(answer) != 1:
                 raise RowProblem(f"{key!r} holds {len(answer)} messages; give the one final assistant answer")
     else:  # two whole conversations with a shared prefix
-        chosen, rejected = _messages(row, columns, "chosen"), _messages(row, columns, "rejected")
+        chosen, rejected = _messages(row, columns, None, "chosen"), _messages(row, columns, None, "rejected")
         prompt = chosen[:-1]
         for key, side in ((chosen_key, chosen), (rejected_key, rejected)):
             if side[-1]["role"] != "assistant":
@@ -314,7 +405,8 @@ def _prompt(row: dict[str, Any], columns: Columns) -> list[dict[str, Any]]:
     key = columns["prompt"]
     if _plain_text(row[key]):
         return [{"role": "user", "content": _text(row, key, allow_blank=False)}]
-    return [{**m, "train": False} if m["role"] == "assistant" else m for m in _messages(row, columns, "prompt", EITHER)]
+    prompt = _messages(row, columns, None, "prompt", EITHER)
+    return [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt]
 
 
 def check_turns(messages: list[dict[str, Any]], field: str = "messages") -> None:

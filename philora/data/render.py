@@ -8,11 +8,19 @@ eos some templates append) is not the model's to say and is not trained. A templ
 prefixes of each other is reported, never silently mis-masked. Message text that contains a special token of
 the tokenizer is refused: it would be read as a control token, and could end an answer early.
 
+Tools (tools.py) are rendered where each template reads them (`tool_style`): templates that render `tools` and
+`tool_calls` themselves get them as they are; Phi-4-mini's gets the schemas as JSON in its system message and the
+calls written into the answer in its own syntax; a ChatML template without tools is given philora's
+(CHATML_TOOLS), announced. Reasoning (`reasoning_content`, or a <think> block) goes to templates that read it, and
+into the content as a <think> block for the others; a template that drops earlier answers' reasoning gets one
+conversation per answer (`as_rendered`), each answer learned as the template shows it when it is written.
+
 Renders are tokenized in batches through the fast tokenizer's Rust backend.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections import deque
@@ -22,20 +30,20 @@ from typing import Any
 import numpy as np
 
 from philora.data.formats import Conversation, RowProblem
+from philora.data.templates import (
+    CHATML_TOOLS,
+    PHI3_TEMPLATE,
+    PHI3_TOKENS,
+    THINK_END,
+    for_template,
+    has_reasoning,
+    tool_style,
+)
+from philora.data.tools import HERMES, PHI4, Syntax
 from philora.errors import UserError
 
 IGNORE = -100
-
-# The official Phi-3/Phi-3.5-mini-instruct chat template, for Phi-3 tokenizers saved without one.
-PHI3_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-PHI3_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")  # what templates get
 
 
 class NothingToTrain(RowProblem):
@@ -102,19 +110,66 @@ class ChatEncoder:
         self._special_id_of = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
         self._specials_map = dict(tokenizer.special_tokens_map)
         self._template = _compiled_template(tokenizer)
+        self.tool_style = tool_style(tokenizer.get_chat_template())
+        self._reads_reasoning = "reasoning_content" in (tokenizer.get_chat_template() or "")
         self.end_of_turn_id = self._find_end_of_turn()
 
-    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
-        """The chat template's text. Plain {role, content} string messages need none of apply_chat_template's
-        input conversion, so the compiled template renders them directly, with the same variables."""
+    @property
+    def tool_syntax(self) -> Syntax | None:
+        """How this template writes tool calls in an answer; None where it cannot render tools."""
+        return PHI4 if self.tool_style == "phi4" else HERMES if self.tool_style in ("chatml", "native-hermes") else None
+
+    @property
+    def tool_marker_ids(self) -> frozenset[int]:
+        """The call syntax's markers that are special tokens of this tokenizer (Phi-4-mini's <|tool_call|> and
+        <|/tool_call|>): generated text must keep them, or its calls cannot be read."""
+        syntax = self.tool_syntax
+        if syntax is None:
+            return frozenset()
+        return frozenset(
+            {self.tokenizer.convert_tokens_to_ids(m) for m in (syntax.open, syntax.close)} & self.special_ids
+        )
+
+    def use_tools(self) -> None:
+        """Make the template able to render tools: a ChatML template without tools gets philora's, announced
+        (it is saved with the tokenizer, so every later stage renders tools the same way). UserError where the
+        template has no tools support and none can be given."""
+        if self.tool_style == "chatml":
+            self.tokenizer.chat_template = CHATML_TOOLS.replace("CHATML_OWN", self.tokenizer.get_chat_template())
+            self._template = _compiled_template(self.tokenizer)
+            self.tool_style = "native-hermes"
+            print(
+                "philora: the chat template has no tools support; philora's ChatML tools template renders "
+                "conversations with tools (schemas in <tools>, calls in <tool_call>, results in <tool_response>); "
+                "a trained adapter keeps it with its tokenizer",
+                file=sys.stderr,
+            )
+        if self.tool_style is None:
+            raise UserError(
+                f"the chat template of {self.tokenizer.name_or_path!r} cannot render tools (it never reads `tools` "
+                "and `tool_calls`); use a model whose template does (Phi-4-mini, Qwen2.5, a ChatML model), or "
+                "train on rows without tools"
+            )
+
+    def render(
+        self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The chat template's text. Messages are philora's checked ones (formats.py, tools.py), which need none
+        of apply_chat_template's input conversion, so the compiled template renders them directly, with the same
+        variables. Tools go where the template reads them (Phi-4-mini: the system message's `tools`)."""
+        if self.tool_style in ("chatml", None) and (
+            tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        ):
+            raise TemplateError("this conversation has tools, and the chat template cannot render them yet")
+        messages, tools = for_template(messages, tools, self.tool_style == "phi4", self._reads_reasoning)
         try:
             if self._template is None:
                 return self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                    messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
                 )
             return self._template.render(
                 messages=messages,
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=generation_prompt,
                 **self._specials_map,
@@ -130,8 +185,10 @@ class ChatEncoder:
             return [e.ids for e in encode(texts, add_special_tokens=special)]
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
-    def ids(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> list[int]:
-        return self.tokenize([self.render(messages, generation_prompt)])[0]
+    def ids(
+        self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.tokenize([self.render(messages, generation_prompt, tools)])[0]
 
     def _find_end_of_turn(self) -> int:
         """The special token the template puts right after an assistant message's content."""
@@ -148,19 +205,28 @@ class ChatEncoder:
         """Token ids that end generation: the end-of-turn token and eos."""
         return sorted({self.end_of_turn_id, self.tokenizer.eos_token_id} - {None})
 
-    def encode(self, messages: list[dict[str, Any]], train_on: str = "assistant") -> Sample:
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        train_on: str = "assistant",
+        tools: list[dict[str, Any]] | None = None,
+        reasoning: bool = True,
+    ) -> Sample:
         """Token ids and labels of one conversation; raises RowProblem."""
-        result = self.encode_many([Conversation("", messages=messages)], train_on)[0]
+        result = self.encode_many([Conversation("", messages=messages, tools=tools)], train_on, reasoning)[0]
         if isinstance(result, RowProblem):
             raise result
         return result
 
-    def encode_many(self, rows: list[Conversation], train_on: str = "assistant") -> list[Sample | RowProblem]:
-        """Samples of many rows, their renders tokenized in batches; a row that fails gets its RowProblem."""
+    def encode_many(
+        self, rows: list[Conversation], train_on: str = "assistant", reasoning: bool = True
+    ) -> list[Sample | RowProblem]:
+        """Samples of many rows, their renders tokenized in batches; a row that fails gets its RowProblem.
+        `reasoning`: an answer's reasoning carries loss (else only what follows its </think>)."""
         plans: list[_Plan | RowProblem] = []
         for row in rows:
             try:
-                plans.append(self._plan(row, train_on))
+                plans.append(self._plan(row, train_on, reasoning))
             except RowProblem as e:
                 plans.append(e)
         good = [p for p in plans if isinstance(p, _Plan)]
@@ -226,7 +292,7 @@ class ChatEncoder:
         ids, turn = plan.ids, plan.turns[len(plan.spans)]
         end_of_prompt = start + len(tail)
         if ids[start:end_of_prompt] != tail:
-            prompt = self.tokenize([self.render(plan.messages[:turn], generation_prompt=True)])[0]
+            prompt = self.ids(plan.messages[:turn], True, plan.tools)
             if ids[: len(prompt)] != prompt:
                 opening = plan.messages[turn]["content"][:12]
                 plan.problem = TemplateError(
@@ -237,44 +303,106 @@ class ChatEncoder:
                 return
             end_of_prompt = len(prompt)
         try:
-            stop = self._answer_end(plan.messages, turn, end_of_prompt, ids)
+            stop = self._answer_end(plan, turn, end_of_prompt)
         except TemplateError as e:
             plan.problem = e
             return
+        if not plan.reasoning:
+            end_of_prompt = self._after_reasoning(ids, end_of_prompt, stop)
         plan.spans.append((end_of_prompt, stop))
 
-    def _plan(self, row: Conversation, train_on: str) -> _Plan:
+    def _after_reasoning(self, ids: list[int], start: int, stop: int) -> int:
+        """The first token after the answer's </think> (found by bisection: "the decoded tokens so far hold
+        </think>" only turns true once); `start` where it has none."""
+        low, high = start, stop  # the shortest ids[start:k] holding </think> has k in (low, high]
+        if THINK_END not in self.tokenizer.decode(ids[start:stop], skip_special_tokens=False):
+            return start
+        while high - low > 1:
+            middle = (low + high) // 2
+            if THINK_END in self.tokenizer.decode(ids[start:middle], skip_special_tokens=False):
+                high = middle
+            else:
+                low = middle
+        return high
+
+    def as_rendered(self, row: Conversation, train_on: str) -> list[Conversation]:
+        """The row as the conversations to encode: itself, or, where the template renders an earlier answer
+        differently once later turns follow (templates that drop earlier turns' reasoning), one conversation per
+        trained answer that ends with it, so that each answer is learned as the template renders it when the model
+        writes it."""
+        if row.messages is None or train_on == "all" or not any(has_reasoning(m) for m in row.messages):
+            return [row]
+        clean = self._clean(row.messages)
+        whole = self.render(clean, tools=row.tools)
+        end = self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)
+        turns = trained_turns(row.messages, train_on)
+
+        def kept(i: int) -> bool:  # the whole shows answer i through its end-of-turn as it was when written
+            alone = self.render(clean[: i + 1], tools=row.tools)
+            cut = alone.find(end, len(self.render(clean[:i], True, row.tools)))
+            return whole.startswith(alone[: cut + len(end)] if cut >= 0 else alone)
+
+        if all(kept(i) for i in turns):
+            return [row]
+        return [
+            Conversation(
+                row.source,
+                messages=[
+                    {**m, "train": j == i} if m["role"] == "assistant" else m
+                    for j, m in enumerate(row.messages[: i + 1])
+                ],
+                tools=row.tools,
+            )
+            for i in turns
+        ]
+
+    @staticmethod
+    def _clean(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages with philora's keys only (no `train`)."""
+        return [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in messages]
+
+    def _plan(self, row: Conversation, train_on: str, reasoning: bool = True) -> _Plan:
         if row.text is not None:
             return _Plan([row.text], [], [], plain=True)
         assert row.messages is not None
-        clean = [{"role": m["role"], "content": m["content"]} for m in row.messages]
-        self.refuse_special_text(row.messages)
-        whole = self.render(clean)
+        clean = self._clean(row.messages)
+        self.refuse_special_text(row.messages, row.tools)
+        whole = self.render(clean, tools=row.tools)
         if train_on == "all":
-            return _Plan([whole], [], clean)
+            return _Plan([whole], [], clean, row.tools)
         turns = trained_turns(row.messages, train_on)
         if not turns:
             raise NothingToTrain("nothing to train: every assistant message has train: false")
-        return _Plan([whole] + [self.render(clean[:i], generation_prompt=True) for i in turns], turns, clean)
+        prompts = [self.render(clean[:i], True, row.tools) for i in turns]
+        return _Plan([whole, *prompts], turns, clean, row.tools, reasoning)
 
-    def refuse_special_text(self, messages: list[dict[str, Any]]) -> None:
+    def refuse_special_text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> None:
+        """RowProblem where a message's text, its calls or the tools hold a special token of this tokenizer."""
         if self._special_text is None:
             return
+        texts = [("tools", json.dumps(tools, ensure_ascii=False))] if tools else []
         for i, m in enumerate(messages):
-            found = self._special_text.search(m["content"])
+            texts += [(f"messages[{i}].content", m["content"])]
+            if m.get("reasoning_content"):
+                texts.append((f"messages[{i}].reasoning_content", m["reasoning_content"]))
+            if m.get("tool_calls"):
+                texts.append((f"messages[{i}].tool_calls", json.dumps(m["tool_calls"], ensure_ascii=False)))
+        for place, text in texts:
+            found = self._special_text.search(text)
             if found:
                 raise RowProblem(
-                    f"messages[{i}].content contains {found.group()!r}, a special token of this tokenizer; the "
-                    "model would read it as a control token (it can end an answer early): remove it from the text"
+                    f"{place} contains {found.group()!r}, a special token of this tokenizer; the model would read "
+                    "it as a control token (it can end an answer early): remove it from the text"
                 )
 
-    def _answer_end(self, messages: list[dict[str, Any]], i: int, start: int, ids: list[int]) -> int:
+    def _answer_end(self, plan: _Plan, i: int, start: int) -> int:
+        ids = plan.ids
         try:
             return ids.index(self.end_of_turn_id, start) + 1
         except ValueError:
             pass
         # No end-of-turn token after the answer: the answer ends where rendering through it stops agreeing.
-        upto = self.ids(messages[: i + 1])
+        upto = self.ids(plan.messages[: i + 1], tools=plan.tools)
         stop = start
         while stop < min(len(upto), len(ids)) and upto[stop] == ids[stop]:
             stop += 1
@@ -301,6 +429,8 @@ class _Plan:
     texts: list[str]
     turns: list[int]
     messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    reasoning: bool = True  # the answers' reasoning carries loss
     plain: bool = False  # the text format: every token trained
     ids: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)  # the trained answers' token spans

@@ -50,6 +50,25 @@ def split_stats(split: Split, max_length: int) -> dict[str, Any]:
         "split": split.count("split"),
         "dropped_overlong": split.count("dropped"),
         **({"pairs": pair_stats(split)} if split.pairs else {}),
+        **({"tools": tool_stats(split)} if any(c.tools for c in split.conversations) else {}),
+    }
+
+
+def tool_stats(split: Split) -> dict[str, Any]:
+    """Conversations with tools: how many offer tools and how many make calls, calls per calling conversation,
+    tools offered per conversation, and how many assistant turns call or answer in words."""
+    offering = [c for c in split.conversations if c.tools]
+    turns = [m for c in offering for m in c.messages or [] if m["role"] == "assistant"]
+    calls = sorted(sum(len(m.get("tool_calls", [])) for m in c.messages or []) for c in offering)
+    calls = [n for n in calls if n]
+    tools = sorted(len(c.tools or []) for c in offering)
+    return {
+        "rows_with_tools": len(offering),
+        "rows_with_calls": len(calls),
+        "calls_per_row": {"p50": percentile(calls, 0.5), "max": calls[-1] if calls else 0, "total": sum(calls)},
+        "tools_per_row": {"p50": percentile(tools, 0.5), "max": tools[-1]},
+        "parallel_call_turns": sum(len(m.get("tool_calls", [])) > 1 for m in turns),
+        "answers_without_call": sum(not m.get("tool_calls") for m in turns),
     }
 
 
@@ -101,6 +120,14 @@ def split_lines(name: str, stats: dict[str, Any], max_length: int, overlong: str
             f"{name}: {pairs['count']:,} preference pairs; scored answer tokens p50 {chosen['p50']} chosen, "
             f"{rejected['p50']} rejected; the chosen answer is longer in {100 * pairs['chosen_longer']:.0f}%, shorter "
             f"in {100 * pairs['chosen_shorter']:.0f}% (a lopsided split is a preference for length a model can learn)"
+        )
+    if tools := stats.get("tools"):
+        calls = tools["calls_per_row"]
+        lines.append(
+            f"{name}: tools offered in {tools['rows_with_tools']:,} conversations (p50 {tools['tools_per_row']['p50']},"
+            f" max {tools['tools_per_row']['max']} each); {tools['rows_with_calls']:,} make {calls['total']:,} calls"
+            f" (p50 {calls['p50']}, max {calls['max']} a conversation; {tools['parallel_call_turns']:,} turns call in "
+            f"parallel); {tools['answers_without_call']:,} assistant turns answer without a call"
         )
     if not histogram:
         return lines
@@ -155,8 +182,16 @@ def describe(prepared: PreparedData, dc: DataSection, color: bool = False) -> li
             f"skipped {len(prepared.problems)} bad rows (data.on_bad_row: skip); the first: {prepared.problems[0]}"
         )
     if prepared.train.samples:
-        lines += highlight(prepared.train.samples[0], prepared.encoder.tokenizer, color)
+        lines += highlight(shown_sample(prepared.train), prepared.encoder.tokenizer, color)
     return lines
+
+
+def shown_sample(split: Split) -> Sample:
+    """The sample to show: the first of a conversation that calls tools, when there is one, else the first."""
+    calling = (r for r in split.records if r.outcome.samples and any(
+        m.get("tool_calls") for m in r.conversation.messages or []))  # fmt: skip
+    record = next(calling, None)
+    return record.outcome.samples[0] if record is not None else split.samples[0]
 
 
 def as_record(prepared: PreparedData, dc: DataSection) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
             model,
             encoder,
             [chosen for chosen, _ in split.pairs] or split.samples,  # a pair's loss is its chosen answer's
-            runner.prompts_and_references(split.conversations),
+            runner.prompts_and_references(split.conversations, encoder),
             batch_size=batch_size,
             max_new_tokens=max_new,
             base=not args.no_base,

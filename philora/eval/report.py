@@ -166,7 +166,7 @@ def samples_section(evaluation: dict[str, Any]) -> str:
         parts.append(f'<p class="meta">The first {len(shown)} of {len(samples)}; eval.json has them all.</p>')
     for i, s in enumerate(shown, 1):
         context = "".join(
-            f'<div class="label">{_e(m["role"])}</div><pre>{_e(m["content"])}</pre>' for m in s["prompt"][:-1]
+            f'<div class="label">{_e(m["role"])}</div><pre>{_e(message_text(m))}</pre>' for m in s["prompt"][:-1]
         )
         last = s["prompt"][-1] if s["prompt"] else {"role": "user", "content": ""}
         earlier = f"<details><summary>{len(s['prompt']) - 1} earlier message(s)</summary>{context}</details>"
@@ -181,7 +181,7 @@ def samples_section(evaluation: dict[str, Any]) -> str:
         )
         parts.append(
             f'<article class="sample" id="sample-{i}"><h3>#{i}</h3>{earlier if context else ""}'
-            f'<div class="label">{_e(last["role"])}</div><pre>{_e(last["content"])}</pre>'
+            f'<div class="label">{_e(last["role"])}</div><pre>{_e(message_text(last))}</pre>'
             f'<div class="answers">{cells}</div></article>'
         )
     return "".join(parts)
@@ -268,10 +268,19 @@ def markdown(evaluation: dict[str, Any]) -> str:
     for i, s in enumerate(samples, 1):
         lines += ["", f"### {i}", ""]
         for m in s["prompt"]:
-            lines += [f"**{m['role']}**", "", _fenced(m["content"]), ""]
+            lines += [f"**{m['role']}**", "", _fenced(message_text(m)), ""]
         for name, text in [("reference", s["reference"]), *((RUNS[r], s[r]) for r in runs if r in s)]:
             lines += [f"**{name}**", "", _fenced(text), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A prompt message as the report shows it: its text, then each tool call it makes as `→ name(arguments)`."""
+    calls = [
+        f"→ {c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+        for c in message.get("tool_calls", [])
+    ]
+    return "\n".join([message["content"], *calls] if message["content"] else calls)
 
 
 def _fenced(text: str) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from philora.data.batching import collate, length_groups, one_per_row
 from philora.data.formats import Conversation
-from philora.data.render import ChatEncoder, Sample
+from philora.data.render import MESSAGE_KEYS, ChatEncoder, Sample
 from philora.eval.metrics import compare, loss_metrics
 from philora.model.load import longrope_boundary
 
@@ -42,41 +42,51 @@ def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: i
     return total / max(count, 1)
 
 
-def prompts_and_references(conversations: Sequence[Conversation]) -> list[tuple[list[dict[str, Any]], str]]:
-    """Each conversation's messages before its last assistant message, and that message as the reference."""
-    pairs = []
+Prompt = tuple[list[dict[str, Any]], str, list[dict[str, Any]] | None]  # messages, reference, tools offered
+
+
+def prompts_and_references(conversations: Sequence[Conversation], encoder: ChatEncoder) -> list[Prompt]:
+    """Each conversation's messages before its last assistant message, that message as the reference (its calls
+    written as the template writes them), and the tools the conversation offers."""
+    prompts = []
     for c in conversations:
         if c.messages is None:  # text rows have no prompt to answer
             continue
         last = max(i for i, m in enumerate(c.messages) if m["role"] == "assistant")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in c.messages[:last]]
-        pairs.append((prompt, c.messages[last]["content"]))
-    return pairs
+        prompt = [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in c.messages[:last]]
+        answer, syntax = c.messages[last], encoder.tool_syntax
+        calls = answer.get("tool_calls")
+        reference = syntax.answer(answer["content"], calls) if calls and syntax else answer["content"]
+        prompts.append((prompt, reference, c.tools))
+    return prompts
 
 
 def generate(
     model: Any,
     encoder: ChatEncoder,
-    prompts: Sequence[list[dict[str, Any]]],
+    prompts: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]],
     max_new_tokens: int,
     batch_size: int = 16,
     answered: Callable[[int], object] | None = None,
 ) -> list[str]:
     """Greedy answers through the token loop that chat and serve use (same stop tokens, same left padding),
-    `batch_size` prompts at a time, each cut at the end-of-turn token; `answered(n)` after each batch of n."""
+    `batch_size` prompts (messages, tools) at a time, each cut at the end-of-turn token; `answered(n)` after each
+    batch of n."""
     from philora.infer.generation import Row, Settings
     from philora.infer.generation import generate as token_loop
 
     was_training = model.training
     model.eval()
-    encoded = [encoder.ids(p, generation_prompt=True) for p in prompts]
+    encoded = [encoder.ids(messages, True, tools) for messages, tools in prompts]
+    keep = [encoder.tool_marker_ids if tools else frozenset() for _, tools in prompts]  # calls stay readable
     # Batches of similar length waste little compute on left padding; answers go back in prompt order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     settings = Settings(max_new_tokens=max_new_tokens)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, done in zip(chunk, token_loop(model, encoder, [Row(encoded[i], settings) for i in chunk]), strict=True):
+        rows = [Row(encoded[i], settings, keep_special=keep[i]) for i in chunk]
+        for i, done in zip(chunk, token_loop(model, encoder, rows), strict=True):
             answers[i] = done.text.strip()
         if answered is not None:
             answered(len(chunk))
@@ -85,8 +95,8 @@ def generate(
 
 
 def answer(
-    model: Any, encoder: ChatEncoder, prompts: Sequence[list[dict[str, Any]]], max_new_tokens: int, batch_size: int,
-    who: str,
+    model: Any, encoder: ChatEncoder, prompts: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]],
+    max_new_tokens: int, batch_size: int, who: str,
 ) -> list[str]:  # fmt: skip
     """`generate`, with a progress bar on a terminal, saying how long it took."""
     from tqdm.auto import tqdm
@@ -103,7 +113,7 @@ def evaluate_model(
     model: Any,
     encoder: ChatEncoder,
     samples: Sequence[Sample],
-    prompts: Sequence[tuple[list[dict[str, Any]], str]],
+    prompts: Sequence[Prompt],
     *,
     batch_size: int,
     max_new_tokens: int,
@@ -118,7 +128,7 @@ def evaluate_model(
     from philora.model.loss import TokenLoss
 
     loss_fn, pad = TokenLoss(model), encoder.tokenizer.pad_token_id
-    questions = [p for p, _ in prompts]
+    questions = [(p, t) for p, _, t in prompts]
     losses: dict[str, dict[str, float]] = {}
     if base:
         with model.disable_adapter():
@@ -131,7 +141,7 @@ def evaluate_model(
     generations = {"before": base_answers} if base_answers is not None and prompts else {}
     if prompts:
         generations["after"] = answer(model, encoder, questions, max_new_tokens, batch_size, "fine-tuned model")
-    evaluation = compare(prompts, generations)
+    evaluation = compare(prompts, generations, encoder.tool_syntax)
     evaluation["loss"] = losses
     evaluation["settings"] = {
         **(settings or {}),

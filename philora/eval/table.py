@@ -19,6 +19,11 @@ METRICS = (
     ("rouge_l", "ROUGE-L F1", "score"),
     ("json_valid", "JSON valid", "score"),
     ("json_match", "JSON match", "score"),
+    ("tool_valid_call", "valid calls", "score"),
+    ("tool_name", "call names", "score"),
+    ("tool_arguments", "call arguments", "score"),
+    ("tool_no_call", "no call needed", "score"),
+    ("tool_decision", "call or not", "score"),
 )
 
 

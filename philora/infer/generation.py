@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from philora.data.formats import RowProblem
-from philora.data.render import ChatEncoder
+from philora.data.render import MESSAGE_KEYS, ChatEncoder
 
 
 class BadPrompt(ValueError):
@@ -63,13 +63,23 @@ class Row:
     settings: Settings = field(default_factory=Settings)
     on_text: Callable[[str], None] | None = None
     cancelled: Callable[[], bool] | None = None
+    keep_special: frozenset[int] = frozenset()  # special tokens that stay in the text (a tool syntax's markers)
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-def prompt_ids(encoder: ChatEncoder, messages: Sequence[dict[str, Any]], context: int | None = None) -> list[int]:
-    """The token ids the model sees before it answers `messages`; BadPrompt if they cannot be one."""
+def prompt_ids(
+    encoder: ChatEncoder,
+    messages: Sequence[dict[str, Any]],
+    context: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    prefill: str = "",
+) -> list[int]:
+    """The token ids the model sees before it answers `messages`; BadPrompt if they cannot be one. Messages are
+    {role, content} and, in a conversation with tools, tool_calls (tools.check_calls's shape) or a tool result's
+    tool_call_id and name. `tools` (tools.check_tools's shape) go where the template shows them; `prefill` is text
+    the answer is made to start with (the opening of a tool call the request demands)."""
     clean = []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
@@ -77,10 +87,10 @@ def prompt_ids(encoder: ChatEncoder, messages: Sequence[dict[str, Any]], context
             raise BadPrompt(f"messages[{i}].role: {role!r}; give one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise BadPrompt(f"messages[{i}].content: give the text as a string")
-        clean.append({"role": ROLES[role], "content": content})
+        clean.append({**{k: m[k] for k in MESSAGE_KEYS if k in m}, "role": ROLES[role], "content": content})
     try:
-        encoder.refuse_special_text(clean)  # a special token in the text would be read as a control token
-        ids = encoder.ids(clean, generation_prompt=True)
+        encoder.refuse_special_text(clean, tools)  # a special token in the text would be read as a control token
+        ids = encoder.tokenize([encoder.render(clean, generation_prompt=True, tools=tools) + prefill])[0]
     except RowProblem as e:
         raise BadPrompt(str(e)) from None
     if context is not None and len(ids) >= context:
@@ -98,16 +108,22 @@ class Detokenizer:
     Decoding one token at a time loses spaces (SentencePiece drops a word's leading space at the start of a
     decode) and splits characters spread over byte tokens. So the tokens from one step back are decoded
     together and only the text past the old part is released, once it no longer ends in a partial character.
+    Special tokens are left out of the text: all of them, or only those in `drop` where some must stay (a tool
+    syntax's markers are special tokens in some tokenizers, Phi-4-mini's `<|tool_call|>`, and calls are read by
+    them).
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, drop: frozenset[int] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.drop = drop  # the special tokens left out of the text; None: all of them
         self.ids: list[int] = []
         self.prefix = 0  # start of the window that is decoded for context
         self.read = 0  # tokens before this have been released as text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.drop is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self.drop], skip_special_tokens=False)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -153,14 +169,15 @@ class StopText:
 class _Answer:
     """The state of one row while it generates."""
 
-    def __init__(self, row: Row, tokenizer: Any, limit: int, device: torch.device) -> None:
+    def __init__(self, row: Row, encoder: ChatEncoder, limit: int, device: torch.device) -> None:
         self.row = row
         self.sampler = _sampler(row, device)
         self.limit = limit  # tokens it may still generate: max_new_tokens, or less where the context ends
         self.tokens = 0
         self.pieces: list[str] = []
         self.finish: str | None = None
-        self.detokenizer = Detokenizer(tokenizer)
+        drop = frozenset(encoder.special_ids - row.keep_special) if row.keep_special else None
+        self.detokenizer = Detokenizer(encoder.tokenizer, drop)
         self.stop_text = StopText(row.settings.stop)
 
     def emit(self, text: str) -> None:
@@ -245,7 +262,7 @@ def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row]) -> list[Comp
     device = next(model.parameters()).device
     context = context_length(model) or 1 << 62
     limits = [min(r.settings.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
-    answers = [_Answer(r, encoder.tokenizer, n, device) for r, n in zip(rows, limits, strict=True)]
+    answers = [_Answer(r, encoder, n, device) for r, n in zip(rows, limits, strict=True)]
     for a in answers:
         if a.limit <= 0:
             a.finish = "length"
@@ -299,7 +316,10 @@ def complete(
     messages: Sequence[dict[str, Any]],
     settings: Settings,
     on_text: Callable[[str], None] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Completion:
-    """One answer to a conversation, streamed through `on_text`."""
-    ids = prompt_ids(encoder, messages, context_length(model))
-    return generate(model, encoder, [Row(ids, settings, on_text)])[0]
+    """One answer to a conversation that may offer `tools`, streamed through `on_text`; its text keeps the call
+    syntax's markers where they are special tokens."""
+    ids = prompt_ids(encoder, messages, context_length(model), tools)
+    keep = encoder.tool_marker_ids if tools else frozenset()
+    return generate(model, encoder, [Row(ids, settings, on_text, keep_special=keep)])[0]

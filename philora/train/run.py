@@ -83,7 +83,7 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         run.say(f"memory: one step needs about {size(estimate['total'])} (estimate; `philora check` itemises it)")
     run.log = MetricsLog(run.files.metrics if run.main else None, sinks)
     if run.prepared.eval:
-        run.prompts = runner.prompts_and_references(run.prepared.eval.conversations)
+        run.prompts = runner.prompts_and_references(run.prepared.eval.conversations, run.prepared.encoder)
     return run
 
 
@@ -98,7 +98,7 @@ def build(run: Run) -> None:
         model = starting_adapter(model, config)
     if run.generates and run.resume_from is None:
         with accelerator.autocast():  # in the run's arithmetic, as every evaluation of the run
-            questions = [p for p, _ in run.prompts]
+            questions = [(p, t) for p, _, t in run.prompts]
             answers = runner.answer(model, run.prepared.encoder, questions, tc.generation_max_length,
                                     tc.per_device_eval_batch_size, "starting model")  # fmt: skip
         run.files.base_answers.write_text(json.dumps(answers, ensure_ascii=False) + "\n")
