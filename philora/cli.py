@@ -129,6 +129,7 @@ def _after_training_commands(sub: Any) -> None:
     chat = sub.add_parser("chat", help="chat in the terminal with streamed answers (/reset, /exit)")
     _adapter_and_model(chat)
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    chat.add_argument("--tools", metavar="FILE", help="offer these tools (a JSON list of OpenAI function schemas)")
     _generation_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base model and adapters")
@@ -138,6 +139,9 @@ def _after_training_commands(sub: Any) -> None:
     serve.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (or $PHILORA_API_KEY)")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 503")
     serve.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="cap on max_tokens")
+    serve.add_argument(
+        "--max-body-mb", type=float, default=4, metavar="MB", help="largest request body; larger ones get 413"
+    )
 
     push = sub.add_parser("push", help="upload an adapter or merged model with its model card to the Hugging Face Hub")
     push.add_argument("dir", metavar="DIR", help="a run dir (its adapter/ and run records), an adapter or a merged dir")

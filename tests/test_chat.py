@@ -6,6 +6,7 @@ pasted in a terminal) is one turn."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from philora import cli
+from philora.errors import UserError
 from philora.infer.chat import Session, read_message, repl
 from philora.infer.generation import Detokenizer, Row, Settings, StopText, complete, generate, prompt_ids
 
@@ -162,10 +164,13 @@ def test_chat_command_answers_with_the_adapter(
 
 
 class Recorder:
-    """A session that records what it is asked."""
+    """A session that records what it is asked (no tools: no calls)."""
+
+    call_marker = None
 
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.pending_calls: list[dict[str, Any]] = []
 
     def ask(self, text: str, on_text: Any) -> Any:
         self.asked.append(text)
@@ -198,3 +203,36 @@ def test_lines_pasted_into_a_terminal_together_are_one_turn(monkeypatch: pytest.
     finally:
         terminal.close()
         os.close(master)
+
+
+def test_chat_with_tools_shows_calls_takes_their_results_and_answers(
+    embedded_tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import ScriptedModel
+    from transformers import AutoTokenizer
+
+    from philora.data.render import ChatEncoder
+    from philora.infer.chat import read_tools
+
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps({"tools": [weather]}))
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(embedded_tokenizer))
+    encoder.use_tools()
+    model = ScriptedModel(encoder)
+    model.script('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    model.script("Sunny and 21C in Oslo.")
+    session = Session(model, encoder, Settings(max_new_tokens=64, temperature=0), tools=read_tools(str(path)))
+    out = io.StringIO()
+    assert repl(session, io.StringIO("Weather in Oslo?\nsunny, 21C\n/exit\n"), out) == 0
+    shown = out.getvalue()
+    assert 'Let me look.\n→ get_weather({"city": "Oslo"})\nget_weather> Sunny and 21C in Oslo.\n' in shown
+    assert "<tool_call>" not in shown  # the call's text is shown as a call, not as JSON in tags
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant"]
+    second = encoder.tokenizer.decode(model.prompts[-1])
+    assert "<|im_start|>tool\n<tool_response>\nsunny, 21C\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in (
+        second
+    )
+    path.write_text('[{"type": "function", "function": {"description": "no name"}}]')
+    with pytest.raises(UserError, match=r"--tools .*tools\[0\]\.function\.name is missing"):
+        read_tools(str(path))
