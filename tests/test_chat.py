@@ -166,7 +166,7 @@ def test_chat_command_answers_with_the_adapter(
 class Recorder:
     """A session that records what it is asked (no tools: no calls)."""
 
-    call_marker = None
+    call_syntax = None
 
     def __init__(self) -> None:
         self.asked: list[str] = []

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from philora.data.sources import BadRow, Part
-from philora.data.tools import BadTools, check_calls, check_results, check_tools
+from philora.data.tools import (
+    BadTools,
+    check_calls,
+    check_results,
+    check_tools,
+    sharegpt_calls,
+    sharegpt_results,
+)
 from philora.errors import UserError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
@@ -291,41 +298,14 @@ def _sharegpt(row: dict[str, Any], columns: Columns, tools: list[dict[str, Any]]
                 "(or user, assistant, tool)"
             )
         if speaker == "function_call":
-            value = _json_value(m.get(value_key), f"{place}.{value_key}")
-            calls = check_calls(value if isinstance(value, list) else [value], f"{place}.{value_key}", tools, i)
+            calls = sharegpt_calls(m.get(value_key), f"{place}.{value_key}", tools, i)
             result.append({"role": "assistant", "content": "", "tool_calls": calls})
         elif speaker == "observation":
-            result += _observations(m.get(value_key), result, f"{place}.{value_key}")
+            calls = result[-1].get("tool_calls", []) if result else []
+            result += sharegpt_results(m.get(value_key), calls, f"{place}.{value_key}")
         else:
             result.append(_message(m, place, SHAREGPT_ROLES[speaker], value_key))
     return result
-
-
-def _json_value(value: Any, place: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise RowProblem(f"{place} is not valid JSON ({e.msg} at column {e.colno}); give the call as JSON") from None
-
-
-def _observations(value: Any, before: list[dict[str, Any]], place: str) -> list[dict[str, Any]]:
-    """A ShareGPT observation: one tool message per call of the function_call turn before it (a JSON list of
-    results when it made several)."""
-    calls = before[-1].get("tool_calls", []) if before else []
-    if len(calls) > 1:
-        results = _json_value(value, place)
-        if not isinstance(results, list) or len(results) != len(calls):
-            raise RowProblem(
-                f"{place}: the function_call before it made {len(calls)} calls; give a JSON list of "
-                f"{len(calls)} results, one per call, in order"
-            )
-    else:
-        results = [value]
-    return [
-        {"role": "tool", "content": r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)} for r in results
-    ]
 
 
 def _alpaca(row: dict[str, Any], columns: Columns, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -37,13 +37,19 @@ JSON_TYPES = {
 }
 
 
+def json_text(value: Any, place: str, fix: str) -> Any:
+    """A value given as JSON text, parsed (other values as they are); BadTools naming the place and `fix`."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise BadTools(f"{place} is not valid JSON ({e.msg} at column {e.colno}); {fix}") from None
+
+
 def check_tools(value: Any, place: str = "tools") -> list[dict[str, Any]]:
     """The tools of a row or request in OpenAI's shape; a list, or JSON text of one."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadTools(f"{place} is text that is not valid JSON ({e.msg} at column {e.colno})") from None
+    value = json_text(value, place, "give a JSON list of function schemas")
     if not isinstance(value, list):
         raise BadTools(f"{place} is a {type(value).__name__}; give a list of function schemas")
     tools, names = [], set()
@@ -117,13 +123,9 @@ def check_calls(value: Any, place: str, tools: list[dict[str, Any]], turn: int =
 
 def parse_arguments(value: Any, place: str) -> dict[str, Any]:
     """Call arguments as an object: JSON text is parsed."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as e:
-            raise BadTools(
-                f"{place} is not valid JSON ({e.msg} at column {e.colno}); write them as a JSON object"
-            ) from None
+    if isinstance(value, str) and not value.strip():
+        return {}
+    value = json_text(value, place, "write them as a JSON object")
     if not isinstance(value, dict):
         raise BadTools(f"{place} is a {type(value).__name__}; the arguments must be a JSON object")
     return value
@@ -153,6 +155,28 @@ def _is(value: Any, types: tuple[type, ...]) -> bool:
     if isinstance(value, bool):  # a JSON boolean is not a number
         return bool in types
     return isinstance(value, types)
+
+
+def sharegpt_calls(value: Any, place: str, tools: list[dict[str, Any]], turn: int) -> list[dict[str, Any]]:
+    """A ShareGPT function_call turn's value: the JSON of one `{"name", "arguments"}` or of a list of them."""
+    calls = json_text(value, place, "give the call as JSON")
+    return check_calls(calls if isinstance(calls, list) else [calls], place, tools, turn)
+
+
+def sharegpt_results(value: Any, calls: list[dict[str, Any]], place: str) -> list[dict[str, Any]]:
+    """A ShareGPT observation turn: one tool message per call of the function_call turn before it (a JSON list
+    of results when it made several)."""
+    results = [value]
+    if len(calls) > 1:
+        results = json_text(value, place, f"give a JSON list of {len(calls)} results, one per call")
+        if not isinstance(results, list) or len(results) != len(calls):
+            raise BadTools(
+                f"{place}: the function_call before it made {len(calls)} calls; give a JSON list of "
+                f"{len(calls)} results, one per call, in order"
+            )
+    return [
+        {"role": "tool", "content": r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)} for r in results
+    ]
 
 
 def check_results(messages: list[dict[str, Any]], field: str = "messages") -> None:

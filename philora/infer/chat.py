@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from philora.data.render import ChatEncoder
-from philora.data.tools import BadTools, check_tools
+from philora.data.tools import BadTools, Syntax, check_tools
 from philora.errors import UserError
 from philora.infer.generation import BadPrompt, Completion, Settings, complete
+from philora.infer.tool_calls import CallStream
 
 PROMPT = ">>> "
 CONTINUED = "... "
@@ -72,10 +73,9 @@ class Session:
         return self._answer(turn, on_text)
 
     @property
-    def call_marker(self) -> str | None:
-        """Where an answer's tool calls start in its text; None when no tools are offered."""
-        syntax = self.encoder.tool_syntax
-        return syntax.open if self.tools and syntax else None
+    def call_syntax(self) -> Syntax | None:
+        """How an answer's tool calls are written; None when no tools are offered."""
+        return self.encoder.tool_syntax if self.tools else None
 
     @property
     def pending_calls(self) -> list[dict[str, Any]]:
@@ -100,27 +100,24 @@ class Session:
 
 
 class Printer:
-    """Writes an answer as it streams, without the whitespace the model may start it with, and without the text
-    of its tool calls (from the syntax's opening marker on), which is shown as calls once the answer is done."""
+    """Writes an answer as it streams, without the whitespace the model may start it with, and, where tools are
+    offered, without the text of its calls (CallStream holds it back), which are shown as calls once it is done."""
 
-    def __init__(self, out: TextIO, call_marker: str | None = None) -> None:
-        self.out, self.started, self.marker = out, False, call_marker
-        self.text, self.shown = "", 0
+    def __init__(self, out: TextIO, syntax: Syntax | None = None) -> None:
+        self.out, self.started = out, False
+        self.calls = CallStream(syntax) if syntax is not None else None
+        self.shown = False
 
     def __call__(self, text: str) -> None:
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
-        self.text += text
-        upto = len(self.text)
-        if self.marker:  # hold back the calls, what could be the start of their marker, and whitespace before it
-            found = self.text.find(self.marker)
-            partial = max((k for k in range(1, len(self.marker)) if self.text.endswith(self.marker[:k])), default=0)
-            upto = len(self.text[: found if found >= 0 else upto - partial].rstrip())
-        if upto > self.shown:
-            self.out.write(self.text[self.shown : upto])
+        if self.calls is not None:
+            text = self.calls.feed(text)
+        if text:
+            self.out.write(text)
             self.out.flush()
-            self.shown = upto
+            self.shown = True
 
 
 def read_line(stdin: TextIO, out: TextIO, prompt: str = PROMPT) -> str | None:
@@ -202,7 +199,7 @@ def answer(session: Session, text: str, out: TextIO, stdin: TextIO | None = None
 def respond(session: Session, out: TextIO, text: str, results: list[str] | None) -> bool:
     """One answer to `text` (or, given `results`, to the last answer's calls), streamed, with its calls shown as
     `→ name({arguments})`; False where there is none (refused or interrupted)."""
-    printer = Printer(out, session.call_marker)
+    printer = Printer(out, session.call_syntax)
     try:
         result = session.ask(text, printer) if results is None else session.give_results(results, printer)
     except BadPrompt as e:

@@ -141,6 +141,12 @@ class Detokenizer:
         return new[len(old) :]
 
 
+def partial_start(text: str, strings: Sequence[str]) -> int:
+    """The length of the longest end of `text` that is the start of one of `strings`: text to hold back while
+    it may still become one of them."""
+    return max((k for s in strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 class StopText:
     """Cuts the text at the first stop string, holding back any tail that could be the start of one."""
 
@@ -157,7 +163,7 @@ class StopText:
         if found:
             self.hit = True
             return text[: min(found)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        keep = partial_start(text, self.stops)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from philora.data.render import ChatEncoder
 from philora.data.tools import Syntax
+from philora.infer.generation import partial_start
 from philora.infer.openai_api import ApiError, ChatRequest
 
 
@@ -87,15 +88,10 @@ class CallStream:
             return ""
         found = self.text.find(self.syntax.open, self.sent)
         self.opened = found >= 0
-        end = found if self.opened else len(self.text) - self._partial_open()
+        end = found if self.opened else len(self.text) - partial_start(self.text, [self.syntax.open])
         end = self.sent + len(self.text[self.sent : end].rstrip())
         released, self.sent = self.text[self.sent : end], end
         return released
-
-    def _partial_open(self) -> int:
-        """The length of the longest end of the text that is a start of the opening marker."""
-        marker = self.syntax.open
-        return max((k for k in range(1, len(marker)) if self.text.endswith(marker[:k])), default=0)
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """(content not yet released, calls in OpenAI's shape) of the whole answer."""
