@@ -47,18 +47,25 @@ def cpu_detects_bf16() -> bool:
     (measured 6x on a 2-core AMD EPYC with AVX2 on this model's shapes, up to 100x elsewhere), so bf16 there is
     a trap rather than a speed-up.
     """
+    # macOS and others have no /proc/cpuinfo: Apple silicon CPUs have no bf16 GEMM path in PyTorch worth using.
+    flags = cpu_flags()
+    if platform.machine() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty where it is not there."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        # macOS and others: Apple silicon CPUs have no bf16 GEMM path in PyTorch worth using.
-        return False
+        return frozenset()
     flags: set[str] = set()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
-    if platform.machine() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    return frozenset(flags)
 
 
 def bf16_is_fast(dev: torch.device) -> bool:

@@ -15,7 +15,7 @@ import torch
 from philora import hardware
 from philora.config import ModelSection
 from philora.errors import UserError
-from philora.model import embedded
+from philora.model import embedded, packed_attention
 
 # Pad tokens that are safe to use when the tokenizer's pad is missing or equals its eos / end-of-turn token.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
@@ -152,6 +152,9 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
     if quant is None:
         model.to(dev)
     model.config.use_cache = not training
+    if training and mc.attn_implementation == "sdpa":  # the same SDPA, one sample at a time on flat packed rows
+        packed_attention.register()
+        model.set_attn_implementation(packed_attention.NAME)
     return model
 
 

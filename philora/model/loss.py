@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from philora.data.render import IGNORE
+from philora.model.packed_attention import varlen_arguments
 
-CHUNK = 1024  # positions per head + cross-entropy chunk: (CHUNK x vocabulary) floats live at a time
+CHUNK = 256  # positions per head + cross-entropy chunk: (CHUNK x vocabulary) floats live at a time
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
@@ -33,15 +34,28 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         precision = torch.promote_types(hidden.dtype, torch.float32)  # the softmax in fp32 at least
         out = torch.empty(hidden.shape[0], dtype=precision, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Two buffers for every chunk, written in place: fresh (tokens x vocabulary) tensors per chunk would each
+        # be new pages from the OS (at 1024 x 49k in fp32, page faults took longer than the head's matmul).
+        rows = min(CHUNK, hidden.shape[0])
+        products = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        logits = products if precision == hidden.dtype else torch.empty_like(products, dtype=precision)
         for start in range(0, hidden.shape[0], CHUNK):
             h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
-            logits = (h @ weight.T).to(precision)
-            lse = torch.logsumexp(logits, dim=-1)
-            out[start : start + CHUNK] = logits.gather(1, t[:, None]).squeeze(1) - lse
-            if grad is not None:  # d logp / d logits = one_hot - softmax, reusing the logits' memory
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight  # minus d logp / d hidden
+            n = len(t)
+            torch.mm(h, weight.T, out=products[:n])
+            z = logits[:n]
+            if z is not products[:n]:
+                z.copy_(products[:n])
+            picked = z.gather(1, t[:, None]).squeeze(1)
+            top = z.amax(dim=-1, keepdim=True)
+            probs = z.sub_(top).exp_()  # the softmax's numerator, in place
+            total = probs.sum(dim=-1, keepdim=True)
+            out[start : start + n] = picked - (top + total.log()).squeeze(1)
+            if grad is not None:  # minus d logp / d logits = softmax - one_hot
+                probs.div_(total)
+                probs[torch.arange(n, device=t.device), t] -= 1
+                narrow = probs if probs.dtype == weight.dtype else products[:n].copy_(probs)
+                torch.mm(narrow, weight, out=grad[start : start + n])
         ctx.save_for_backward(grad)
         return out
 
@@ -96,10 +110,14 @@ class TokenLoss(torch.nn.Module):
         where they are)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
+        # In training, a flat row of packed samples tells attention where they start (model.packed_attention);
+        # evaluation keeps the arithmetic of a model loaded for inference, so `philora eval` gives its numbers.
+        varlen = varlen_arguments(position_ids) if self.training and input_ids.shape[0] == 1 else {}
         if not self.selective:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).logits
             return _gathered(logits[:, :-1][keep], targets[keep]), keep
-        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0][:, :-1][keep]
+        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen)[0]
+        hidden = hidden[:, :-1][keep]
         if self.chunked:
             return ChunkedTokenLogprobs.apply(hidden, self.head.weight, targets[keep]), keep
         return _gathered(self.head(hidden), targets[keep]), keep

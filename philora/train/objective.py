@@ -41,8 +41,9 @@ class Objective:
 
     stats: tuple[str, ...] = ()
 
-    def __init__(self, samples: list[Sample], pad_id: int) -> None:
-        self.samples, self.pad_id = samples, pad_id
+    def __init__(self, samples: list[Sample], pad_id: int, flat: bool = False) -> None:
+        # flat: each micro-batch is one row of its rows' samples laid end to end, without padding
+        self.samples, self.pad_id, self.flat = samples, pad_id, flat
 
     @property
     def lengths(self) -> list[int]:
@@ -54,8 +55,12 @@ class Objective:
     def step(self, step_rows: list[list[Row]], plan: Any) -> Step:
         trained = sum(self.samples[i].trained for rows in step_rows for row in rows for i in row)
         tokens = sum(len(self.samples[i].input_ids) for rows in step_rows for row in rows for i in row)
-        batches = [(collate(self.samples, plan.mine(rows), self.pad_id), plan.owns(rows)) for rows in step_rows]
+        batches = [(collate(self.samples, self.rows(plan.mine(rows)), self.pad_id), plan.owns(rows))
+                   for rows in step_rows]  # fmt: skip
         return Step(batches, trained, tokens, trained)
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        return [[i for row in rows for i in row]] if self.flat else rows
 
 
 class PairObjective(PairBatches, Objective):
@@ -79,13 +84,15 @@ class PairObjective(PairBatches, Objective):
         return Step(batches, len(every), tokens, trained)
 
 
-def make_objective(prepared: PreparedData, method: str, max_length: int, split: str = "train") -> Objective:
-    """The objective over the train (or eval) split; dpo's reference log-probabilities are added later."""
+def make_objective(prepared: PreparedData, method: str, max_length: int, split: str = "train",
+                   flat: bool = False) -> Objective:  # fmt: skip
+    """The objective over the train (or eval) split; dpo's reference log-probabilities are added later. `flat`:
+    sft micro-batches as one row without padding (for attention that takes the samples' boundaries)."""
     pad_id = prepared.encoder.tokenizer.pad_token_id
     part = prepared.train if split == "train" else prepared.eval
     assert part is not None
     if method == "sft":
-        return Objective(part.samples, pad_id)
+        return Objective(part.samples, pad_id, flat)
     return PairObjective(part.pairs, pad_id, row_width(method, max_length))
 
 

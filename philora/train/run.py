@@ -29,8 +29,9 @@ from philora.errors import UserError
 from philora.eval import report, runner, table
 from philora.export import card
 from philora.infer.adapters import read_adapter, read_run_config
-from philora.lora import slices
+from philora.lora import fused, slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
+from philora.model import packed_attention
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
 from philora.preflight.command import gate
 from philora.preflight.report import size
@@ -104,10 +105,12 @@ def build(run: Run) -> None:
         run.files.base_answers.write_text(json.dumps(answers, ensure_ascii=False) + "\n")
     if config.model.adapter is None:
         model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
+    fused.install(model)  # peft's LoRA linear layers compute their branch in one autograd function
     run.model = model
     if run.main and config.model.adapter is None:
         run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config)
-    run.objective = make_objective(run.prepared, tc.method, config.data.max_length)
+    run.objective = make_objective(run.prepared, tc.method, config.data.max_length,
+                                   flat=config.data.packing and packed_attention.flat_rows(run.model))  # fmt: skip
     if tc.method != "sft" and run.prepared.eval is not None:
         run.eval_objective = make_objective(run.prepared, tc.method, config.data.max_length, "eval")
     width = row_width(tc.method, config.data.max_length)

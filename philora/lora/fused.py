@@ -1,0 +1,120 @@
+"""One autograd function for a peft LoRA branch in training: dropout, A, B and the add to the base output.
+
+peft computes `result + lora_B(lora_A(dropout(x))) * scaling` as separate modules: the input cast to the
+adapter's fp32 weights and back by autocast, a dropout mask drawn one element at a time from PyTorch's Mersenne
+Twister (on a 2-core CPU in bf16, 15-22% of a step), a multiply, the scaling pass and the add. `lora_delta`
+computes the same value in the base output's dtype with the adapter weights cast once (they are tiny), the
+dropout mask drawn 16 bits per element from 64-bit words (four elements per draw), the dropout scale folded
+into A and the scaling into B, and the add done by the last matmul (addmm). Its backward is written out: the
+gradients of A and B come back in their own (fp32) dtype, as autocast's casts would give them.
+
+Dropout keeps its meaning: each element of each adapted input is zeroed independently with probability p and
+the rest scaled by 1/(1-p). p is taken to the nearest 1/65536 (0.05 is drawn as 3277/65536 = 0.0500031) and the
+scale uses that probability, so the expected input is unchanged. Masks come from torch's default generator, so
+`torch.manual_seed`, checkpoint resume and non-reentrant gradient checkpointing (which replays the RNG) still
+reproduce them; they are not the masks peft's `nn.Dropout` would draw from the same seed.
+
+`install` puts it on every vanilla LoRA linear layer of a peft model, for training: in eval mode, and in any
+other state (merged, adapters disabled, several active adapters, DoRA, LoRA bias, a mixed-adapter batch), a
+layer runs peft's own forward, so evaluation inside a run computes as `philora eval` does after it.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+LEVELS = 1 << 16  # the dropout probability's resolution: masks are drawn as 16-bit integers
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of the elements kept, the probability of dropping one as drawn): 16 random bits per element,
+    four elements per 64-bit draw of torch's default generator."""
+    numel = shape.numel()
+    # the full 64-bit range: a plain random_() leaves every word's sign bit, one element in four, at zero
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    bits = words.view(torch.int16)[:numel].view(shape)
+    threshold = round(p * LEVELS)  # int16 spans [-32768, 32767]: drop the `threshold` lowest values
+    return bits >= threshold - LEVELS // 2, threshold / LEVELS
+
+
+class LoraDelta(torch.autograd.Function):
+    """base + scaling * dropout(x) @ A.T @ B.T, computed in base's dtype; gradients for base, x, A and B."""
+
+    @staticmethod
+    def forward(ctx: Any, base: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                scaling: float, p: float) -> torch.Tensor:  # fmt: skip
+        dtype = base.dtype
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = weight_a.to(dtype)
+        keep, a_scale = None, 1.0
+        if p > 0:
+            keep, drawn = keep_mask(flat.shape, p, flat.device)
+            flat, a_scale = flat * keep, 1 / (1 - drawn)
+            a = a * a_scale
+        b = weight_b.to(dtype)
+        hidden = flat @ a.T  # (tokens, r)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden, b.T, alpha=scaling)
+        ctx.save_for_backward(flat, hidden, a, b, keep)
+        ctx.scaling, ctx.a_scale, ctx.x_shape = scaling, a_scale, x.shape
+        ctx.dtypes = x.dtype, weight_a.dtype, weight_b.dtype
+        return out.view(base.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, hidden, a, b, keep = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)
+        grad_hidden = (g @ b) * ctx.scaling  # (tokens, r)
+        grad_b = (g.T @ hidden * ctx.scaling).to(b_dtype) if ctx.needs_input_grad[3] else None
+        grad_a = (grad_hidden.T @ flat * ctx.a_scale).to(a_dtype) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = grad_hidden @ a
+            if keep is not None:
+                grad_x = grad_x * keep
+            grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
+        return grad, grad_x, grad_a, grad_b, None, None
+
+
+def lora_delta(base: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
+               p: float) -> torch.Tensor:  # fmt: skip
+    """base + scaling * (dropout_p(x) @ weight_a.T) @ weight_b.T in base's dtype; gradients in each input's dtype."""
+    return LoraDelta.apply(base, x, weight_a, weight_b, scaling, p)
+
+
+def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A peft lora.Linear's forward with its one active vanilla adapter through `lora_delta`; any other state
+    through peft's own forward."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        not self.training  # evaluation and generation compute as a model loaded for inference does
+        or args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name is None
+        or name not in self.lora_A
+        or name in self.lora_variant
+        or self.lora_bias.get(name)
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    base = self.base_layer(x)
+    return lora_delta(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+
+
+def install(peft_model: Any) -> int:
+    """Route every peft LoRA linear layer of `peft_model` through `fused_forward`; returns how many."""
+    from peft.tuners.lora import Linear
+
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, Linear):
+            module.forward = types.MethodType(fused_forward, module)
+            count += 1
+    return count

@@ -1,0 +1,145 @@
+"""The training step's fast path gives the numbers of the plain one: the fused LoRA branch (lora/fused.py), flat
+packed rows with per-sample attention (model/packed_attention.py) and the chunked head, against peft's own
+modules on padded rows with a masked attention, step by step on a tiny Phi-3."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_jsonl, tiny_config
+
+from philora.config import load_config
+from philora.lora import fused
+from philora.model import packed_attention
+from philora.train import run as train_run
+
+
+def losses_of(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], name: str, *extra: str) -> list[float]:
+    out = tmp_path / name
+    settings = [f"training_config.output_dir={out}", "training_config.logging_steps=1",
+                "training_config.max_steps=6", "peft_config.lora_dropout=0", *extra]  # fmt: skip
+    config = load_config(str(tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False)), settings)
+    train_run.train(config)
+    return [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_fast_path_losses_equal_the_plain_path_step_by_step(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
+    with monkeypatch.context() as m:
+        m.setattr(fused, "install", lambda model: 0)  # peft's own LoRA modules
+        # eager attention: padded rows, the block-diagonal mask transformers builds from the positions
+        plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", "model.dtype=float32",
+                          "model.attn_implementation=eager")  # fmt: skip
+    assert len(fast) == 6
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
+
+
+def test_fast_path_in_bf16_follows_the_plain_path_within_bf16(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf16 = ("model.dtype=bfloat16",)  # bf16 weights (autocast cannot be switched on twice in one process)
+    monkeypatch.setenv("PHILORA_CPU_BF16", "1")
+    fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", *bf16)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "install", lambda model: 0)
+        plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", *bf16, "model.attn_implementation=eager")
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_equals_peft_in_value_and_gradients(dtype: torch.dtype) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
+    plain = get_peft_model(base.to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    for name, param in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # B starts at zero; make the branch count
+    quick = copy.deepcopy(plain)
+    assert fused.install(quick) == 2
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    grad = torch.randn(3, 5, 32)
+    results = []
+    for model in (plain, quick):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = model(inputs)
+        y.float().backward(grad)
+        results.append((y.float(), inputs.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    tolerance = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y2, y1, **tolerance)
+    torch.testing.assert_close(dx2, dx1, **tolerance)
+    assert g1.keys() == g2.keys() and len(g1) == 4
+    for name in g1:
+        assert g2[name].dtype == torch.float32  # the adapter's own dtype, as peft keeps it
+        torch.testing.assert_close(g2[name], g1[name], **tolerance)
+
+
+def test_fused_lora_with_dropout_is_the_formula_with_its_mask_and_has_exact_gradients() -> None:
+    p = 0.3
+    hidden = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((7, 96), (7, 64), (4, 64),
+                                                                                          (96, 4))]  # fmt: skip
+
+    def branch(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(5)  # the same mask on every call
+        return fused.lora_delta(base, x, a, b, 2.0, p)
+
+    assert torch.autograd.gradcheck(branch, hidden)
+    base, x, a, b = hidden
+    torch.manual_seed(5)
+    keep, drawn = fused.keep_mask(x.shape, p, x.device)
+    expected = base + 2.0 * ((x * keep / (1 - drawn)) @ a.T) @ b.T
+    torch.testing.assert_close(branch(*hidden), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_masks_drop_with_the_asked_probability_in_every_lane_and_follow_the_seed() -> None:
+    torch.manual_seed(0)
+    keep, drawn = fused.keep_mask(torch.Size((2000, 1000)), 0.05, torch.device("cpu"))
+    assert drawn == 3277 / 65536
+    dropped = ~keep.flatten()
+    # each of the four 16-bit lanes of a 64-bit draw drops at the same rate (a sign bit left at zero would not)
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - drawn) < 2e-3
+    torch.manual_seed(0)
+    again, _ = fused.keep_mask(torch.Size((2000, 1000)), 0.05, torch.device("cpu"))
+    assert torch.equal(keep, again)
+
+
+def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries() -> None:
+    torch.manual_seed(0)
+    lengths = [5, 9, 1, 7]
+    total = sum(lengths)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    query = torch.randn(1, 4, total, 8, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    varlen = packed_attention.varlen_arguments(positions)
+    assert varlen["cu_seq_lens_q"].tolist() == [0, 5, 14, 15, 22] and varlen["max_length_q"] == 9
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (sample[:, None] == sample[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+
+    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+
+    got, _ = packed_attention.packed_sdpa(module, query, key, value, None, scaling=0.3, **varlen)
+    expected = reference(query, key, value)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (query, key, value), grad)
+    expected_grads = torch.autograd.grad(expected, (query, key, value), grad)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    # no boundaries (evaluation batches, generation): transformers' SDPA with the mask it was given
+    fallback, _ = packed_attention.packed_sdpa(module, query, key, value, mask[None, None], scaling=0.3)
+    torch.testing.assert_close(fallback, expected, rtol=1e-12, atol=1e-12)
