@@ -51,12 +51,15 @@ def matmul_peak(
     b = torch.randn(k, n, dtype=dtype, device=device)
     a @ b
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(5):  # the best of five rounds: one round on a busy or cold machine read 25% low
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n * repeats / best / 1e9
 
 
 def rate(marks: list[tuple[float, int]]) -> float:

@@ -54,6 +54,7 @@ def main() -> None:
     else:
         dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     shape = (args.batch * args.length, model_config.hidden_size, model_config.intermediate_size)
+    print(cpu_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "chats.jsonl"
         generate(data, args.rows)
@@ -67,6 +68,19 @@ def main() -> None:
                     if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
                         results[name] = r
             report(args, dtype, matmul_peak(dtype, shape=shape), shape, results)
+
+
+def cpu_line() -> str:
+    """'CPU: AMD EPYC, 2 threads, bf16 flags: avx512_bf16': what the figures below were measured on."""
+    import torch
+
+    from philora.hardware import cpu_detects_bf16
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = sorted({f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in text}) or ["none"]
+    return (f"CPU: {model}, {torch.get_num_threads()} threads, bf16 flags: {' '.join(flags)} "
+            f"(native bf16 detected: {cpu_detects_bf16()})")  # fmt: skip
 
 
 def report(args: argparse.Namespace, dtype: str, peak: float, shape: tuple[int, int, int],
