@@ -125,6 +125,7 @@ def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries()
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     varlen = packed_attention.varlen_arguments(positions)
     assert varlen["cu_seq_lens_q"].tolist() == [0, 5, 14, 15, 22] and varlen["max_length_q"] == 9
+    assert packed_attention.varlen_arguments(positions[:, 2:]) == {}  # not whole samples: the mask decides
     sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     mask = (sample[:, None] == sample[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
 

@@ -71,7 +71,10 @@ def register() -> None:
 
 
 def varlen_arguments(position_ids: torch.Tensor) -> dict[str, Any]:
-    """flash-attention's varlen arguments for one flat row of samples whose positions restart at 0."""
+    """flash-attention's varlen arguments for one flat row of samples whose positions restart at 0; none for a row
+    that does not start at position 0 (not a row of whole samples), which then attends through the mask."""
+    if position_ids.shape[1] == 0 or int(position_ids[0, 0]) != 0:
+        return {}
     starts = (position_ids[0] == 0).nonzero().flatten()
     bounds = torch.cat([starts, starts.new_tensor([position_ids.shape[1]])]).to(torch.int32)
     longest = int(bounds.diff().max())
