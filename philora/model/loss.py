@@ -44,7 +44,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             n = len(t)
             torch.mm(h, weight.T, out=products[:n])
             z = logits[:n]
-            if z is not products[:n]:
+            if logits is not products:  # the softmax's precision is wider than the matmul's
                 z.copy_(products[:n])
             picked = z.gather(1, t[:, None]).squeeze(1)
             top = z.amax(dim=-1, keepdim=True)
