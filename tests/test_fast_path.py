@@ -1,6 +1,7 @@
-"""The training step's fast path gives the numbers of the plain one: the fused LoRA branch (lora/fused.py), flat
-packed rows with per-sample attention (model/packed_attention.py) and the chunked head, against peft's own
-modules on padded rows with a masked attention, step by step on a tiny Phi-3."""
+"""The training step's fast path gives the numbers of the plain one: the fused LoRA branch (lora/fused.py), the
+fused RMSNorm (model/rms_norm.py), flat packed rows with per-sample attention (model/packed_attention.py) and the
+chunked head, against peft's and transformers' own modules on padded rows with a masked attention, step by step
+on a tiny Phi-3; and each piece against its reference in value and gradients."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from conftest import read_jsonl, tiny_config
 
 from philora.config import load_config
 from philora.lora import fused
-from philora.model import packed_attention
+from philora.model import packed_attention, rms_norm
+from philora.preflight import memory
 from philora.train import run as train_run
 
 
@@ -33,6 +35,7 @@ def test_fast_path_losses_equal_the_plain_path_step_by_step(
     fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)  # peft's own LoRA modules
+        m.setattr(rms_norm, "install", lambda model: 0)  # and transformers' RMSNorm
         # eager attention: padded rows, the block-diagonal mask transformers builds from the positions
         plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", "model.dtype=float32",
                           "model.attn_implementation=eager")  # fmt: skip
@@ -40,14 +43,18 @@ def test_fast_path_losses_equal_the_plain_path_step_by_step(
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("by_matmul", [True, False], ids=["matmul-attention", "flash-attention"])
 def test_fast_path_in_bf16_follows_the_plain_path_within_bf16(
-    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, by_matmul: bool
 ) -> None:
     bf16 = ("model.dtype=bfloat16",)  # bf16 weights (autocast cannot be switched on twice in one process)
     monkeypatch.setenv("PHILORA_CPU_BF16", "1")
-    fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", *bf16)
+    with monkeypatch.context() as m:  # either attention path, whatever this CPU would choose
+        m.setattr(packed_attention, "matmul_attention", lambda dtype, device_type: by_matmul)
+        fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", *bf16)
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)
+        m.setattr(rms_norm, "install", lambda model: 0)
         plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", *bf16, "model.attn_implementation=eager")
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=0)
 
@@ -144,3 +151,119 @@ def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries()
     # no boundaries (evaluation batches, generation): transformers' SDPA with the mask it was given
     fallback, _ = packed_attention.packed_sdpa(module, query, key, value, mask[None, None], scaling=0.3)
     torch.testing.assert_close(fallback, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_attention_by_matmuls_has_exact_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    # (1, 4 heads, 7 tokens, 6) queries as attention gets them: a transposed view; 2 key/value heads
+    query = torch.randn(1, 7, 4, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    key = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    attention = packed_attention.CausalAttention.apply
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, 0.3), (query, key, value))
+    k, v = key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1)
+    expected = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=0.3)
+    torch.testing.assert_close(attention(query, key, value, 0.3), expected, rtol=1e-12, atol=1e-12)
+    # in bf16, against fp32 on the same (bf16-rounded) inputs: within bf16's rounding of scores and products
+    q16, k16, v16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (query, key, value))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q16, k16, v16))
+    got = attention(q16, k16, v16, 0.3)
+    want = F.scaled_dot_product_attention(q32, k32.repeat_interleave(2, 1), v32.repeat_interleave(2, 1),
+                                          is_causal=True, scale=0.3)  # fmt: skip
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(want)
+    for g16, g32 in zip(torch.autograd.grad(got, (q16, k16, v16), grad.bfloat16()),
+                        torch.autograd.grad(want, (q32, k32, v32), grad), strict=True):  # fmt: skip
+        torch.testing.assert_close(g16.float(), g32, rtol=3e-2, atol=3e-2)
+
+
+def test_packed_attention_mixes_matmul_and_flash_per_sample_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples up to MATMUL_LONGEST tokens by matmuls, longer ones by SDPA, in one row: the same as masked SDPA."""
+    monkeypatch.setattr(packed_attention, "matmul_attention", lambda dtype, device_type: True)
+    monkeypatch.setattr(packed_attention, "MATMUL_LONGEST", 6)
+    taken = []
+    real = packed_attention.CausalAttention.apply
+    monkeypatch.setattr(packed_attention.CausalAttention, "apply", lambda *a: taken.append(a[0].shape[2]) or real(*a))
+    torch.manual_seed(0)
+    lengths = [5, 9, 1, 7]
+    total = sum(lengths)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    query = torch.randn(1, 4, total, 8, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    varlen = packed_attention.varlen_arguments(torch.cat([torch.arange(n) for n in lengths])[None])
+    got, _ = packed_attention.packed_sdpa(module, query, key, value, None, scaling=0.3, **varlen)
+    assert taken == [5, 1]
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (sample[:, None] == sample[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    k, v = key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1)
+    expected = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (query, key, value), grad),
+                    torch.autograd.grad(expected, (query, key, value), grad), strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_matmul_attention_only_for_bf16_on_cpus_with_bf16_arithmetic_but_no_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from philora import hardware
+
+    for flags, expected in [({"avx512_bf16"}, True), ({"avx512_bf16", "amx_bf16"}, False), ({"avx2"}, False)]:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(hardware, "cpu_detects_bf16", lambda flags=flags: bool({"avx512_bf16", "amx_bf16"} & flags))
+        assert packed_attention.matmul_attention(torch.bfloat16, "cpu") is expected, flags
+        assert not packed_attention.matmul_attention(torch.float32, "cpu")
+        assert not packed_attention.matmul_attention(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("name", rms_norm.CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_is_each_listed_norm_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    import importlib
+
+    family = name.removesuffix("RMSNorm").lower()
+    module = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)(64, eps=1e-5)
+    module = module.to(dtype)
+    module.weight.requires_grad_(False)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 64) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 64).to(dtype)
+    module.train()
+    expected = module(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    assert rms_norm.install(module) == 1
+    got = module(x)
+    assert got.grad_fn is not None and "RMSNormFunction" in type(got.grad_fn).__name__
+    assert torch.equal(got, expected)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    # the same formula in another order: equal to the dtype's last bit
+    torch.testing.assert_close(got_grad, expected_grad, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    module.eval()  # evaluation and generation run the module's own forward
+    assert "RMSNormFunction" not in type(module(x).grad_fn).__name__
+    module.train()
+    module.weight.requires_grad_(True)  # a trained weight: the module's own forward, with its weight gradient
+    assert "RMSNormFunction" not in type(module(x).grad_fn).__name__
+
+
+def test_memory_estimate_counts_the_probabilities_matmul_attention_keeps(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from philora.preflight import architecture
+
+    config = load_config(str(tiny_config(tmp_path, tiny_phi3, tiny_data)), ["model.attn_implementation=sdpa"])
+    batch, length, heads = 2, 64, 4
+    counts = {}
+    for keeps in (False, True):
+        monkeypatch.setattr(memory, "matmul_attention", lambda dtype, device_type, keeps=keeps: keeps)
+        arch = architecture.build(config)
+        assert arch.model.get_base_model().config.num_attention_heads == heads
+        counts[keeps] = memory.saved_for_backward(arch, batch, length, packed=True)
+    layers = len(counts[True].per_layer)
+    size = arch.dtype.itemsize
+    assert counts[True].total - counts[False].total == layers * batch * heads * length * length * size

@@ -52,7 +52,7 @@ class LoraDelta(torch.autograd.Function):
         keep, a_scale = None, 1.0
         if p > 0:
             keep, drawn = keep_mask(flat.shape, p, flat.device)
-            flat, a_scale = flat * keep, 1 / (1 - drawn)
+            flat, a_scale = torch.where(keep, flat, 0), 1 / (1 - drawn)
             a = a * a_scale
         b = weight_b.to(dtype)
         hidden = flat @ a.T  # (tokens, r)
@@ -74,7 +74,7 @@ class LoraDelta(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = grad_hidden @ a
             if keep is not None:
-                grad_x = grad_x * keep
+                grad_x = torch.where(keep, grad_x, 0)
             grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
         return grad, grad_x, grad_a, grad_b, None, None
 

@@ -1,12 +1,15 @@
-"""Attention over packed rows one sample at a time: causal SDPA on each sample, no mask.
+"""Attention over packed rows one sample at a time: causal attention on each sample, no mask.
 
 A packed row holds several samples that must not attend to each other. Given only restarting position ids,
 transformers builds a block-diagonal causal mask over the whole row and SDPA computes every (query, key) pair
 of it, masked or not; with a mask its kernels cannot skip the causal half either. Attending within each sample
-with `is_causal` costs the sum of the samples' squared lengths instead of the row's, halved by causality: on
-the embedded model's rows of 512 tokens, fwd+bwd per layer went from 61 to 42 ms in bf16 on a 2-core EPYC. It
-is what makes one flat row per micro-batch (no padding, see train.objective) affordable. On a CPU without AMX,
-bf16 attention is computed in fp32 (see `upcast`).
+costs the sum of the samples' squared lengths instead of the row's: on the embedded model's rows of 512 tokens,
+fwd+bwd per layer went from 61 to 42 ms in bf16 on a 2-core EPYC. It is what makes one flat row per micro-batch
+(no padding, see train.objective) affordable.
+
+How a sample attends depends on the hardware (see `by_matmul`): on a CPU with bf16 arithmetic but no AMX,
+samples of up to MATMUL_LONGEST tokens go through `CausalAttention` (batched bf16 matmuls); everything else
+through SDPA with `is_causal`, whose CPU flash kernel runs in fp32 on such a CPU.
 
 The samples' boundaries come as flash-attention's varlen arguments (`cu_seq_lens_q`: 0, end of sample 1, ...,
 the row's length), which `model.loss.TokenLoss` passes for a flat row; transformers' flash_attention_2 reads the
@@ -16,6 +19,7 @@ sample) goes to transformers' own SDPA with the mask it built.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -24,6 +28,10 @@ import torch.nn.functional as F
 from philora import hardware
 
 NAME = "philora_sdpa"  # the attention implementation a model trains with when its config asks for sdpa
+# The longest sample `CausalAttention` takes: it keeps each sample's probabilities (heads x length^2) for backward,
+# which for 512 tokens is about what the rest of the layer keeps for them; beyond, the flash kernel's memory stays
+# linear in the length and its block skipping catches up (2048 tokens: 154 ms against 209 fwd+bwd).
+MATMUL_LONGEST = 512
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -41,24 +49,83 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)  # fmt: skip
-    dtype = query.dtype
-    if upcast(query):
-        query, key, value = query.float(), key.float(), value.float()
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # each key/value head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     parts = [
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        causal_attention(q, k, v, scale)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
     ]
-    return torch.cat(parts, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def upcast(query: torch.Tensor) -> bool:
-    """Whether bf16 attention runs in fp32: on a CPU without AMX, PyTorch's flash-attention kernel is faster in
-    fp32 than in bf16, casts included (a 420-token sample, 9 heads: 12.4 against 17.4 ms fwd+bwd on a 2-core
-    EPYC with AVX512-BF16); AMX's tile kernels and GPUs keep bf16."""
-    return query.dtype == torch.bfloat16 and query.device.type == "cpu" and "amx_bf16" not in hardware.cpu_flags()
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one sample: (1, heads, tokens, dim) queries, (1, kv heads, tokens, dim) keys and values
+    (each serving heads / kv heads consecutive query heads) → (1, heads, tokens, dim) in the query's dtype."""
+    if by_matmul(query):
+        return CausalAttention.apply(query, key, value, scale)
+    dtype = query.dtype
+    if dtype == torch.bfloat16 and query.device.type == "cpu" and "amx_bf16" not in hardware.cpu_flags():
+        # PyTorch's CPU flash kernel is faster in fp32 than in bf16 without AMX, casts included (a 420-token
+        # sample, 9 heads: 12.4 against 17.4 ms fwd+bwd on a 2-core EPYC with AVX512-BF16)
+        query, key, value = query.float(), key.float(), value.float()
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale).to(dtype)
+
+
+def by_matmul(query: torch.Tensor) -> bool:
+    """Whether a sample attends through `CausalAttention`: up to MATMUL_LONGEST tokens, where `matmul_attention`."""
+    return query.shape[2] <= MATMUL_LONGEST and matmul_attention(query.dtype, query.device.type)
+
+
+def matmul_attention(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether short samples attend by matmuls: bf16 on a CPU whose bf16 arithmetic has no AMX, where PyTorch's
+    flash kernel has no fast bf16 path and its fp32 one is slower than bf16 matmuls (a 451-token sample, 9 heads
+    over 3: 8.1 against 13.6 ms fwd+bwd on a 2-core EPYC with AVX512-BF16). AMX's tile kernels inside the flash
+    kernel, and GPUs' fused kernels, keep SDPA."""
+    return (
+        dtype == torch.bfloat16
+        and device_type == "cpu"
+        and "amx_bf16" not in hardware.cpu_flags()
+        and hardware.cpu_detects_bf16()
+    )
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(scale * Q K^T + causal mask) V for one sample by batched matmuls, in the inputs' dtype with the
+    softmax and its gradient accumulated in fp32 (as PyTorch's reduced-precision softmax does). The query heads
+    that share a key/value head are stacked into one matrix, so each pass is one matmul per key/value head and
+    keys and values are never repeated; the probabilities are kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        kv_heads, length, dim = key.shape[1:]
+        with torch.autocast(query.device.type, enabled=False):
+            stacked = query[0].reshape(kv_heads, -1, dim)  # (kv heads, groups x tokens, dim)
+            bias = causal_bias(length, stacked.shape[1] // length, query.dtype, query.device)
+            probs = torch.softmax(torch.baddbmm(bias, stacked, key[0].transpose(1, 2), alpha=scale), dim=-1)
+            out = torch.bmm(probs, value[0])
+        ctx.save_for_backward(stacked, key, value, probs)
+        ctx.scale = scale
+        return out.view(query.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        stacked, key, value, probs = ctx.saved_tensors
+        kv_heads, length, dim = key.shape[1:]
+        grad = grad[0].reshape(kv_heads, -1, dim)
+        grad_value = torch.bmm(probs.transpose(1, 2), grad)
+        grad_scores = torch._softmax_backward_data(torch.bmm(grad, value[0].transpose(1, 2)), probs, -1, probs.dtype)
+        grad_query = torch.bmm(grad_scores, key[0]).mul_(ctx.scale)
+        grad_key = torch.bmm(grad_scores.transpose(1, 2), stacked).mul_(ctx.scale)
+        return grad_query.view(1, -1, length, dim), grad_key[None], grad_value[None], None
+
+
+@lru_cache(maxsize=16)
+def causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(groups x length, length): 0 where a query may see a key, -inf above the diagonal, for `groups` stacked
+    query heads."""
+    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
 
 
 def register() -> None:

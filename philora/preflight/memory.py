@@ -20,7 +20,10 @@ import torch
 from philora import hardware
 from philora.config import Config
 from philora.data.batching import row_width
+from philora.lora import fused
+from philora.model import rms_norm
 from philora.model.loss import CHUNK, TokenLoss
+from philora.model.packed_attention import MATMUL_LONGEST, matmul_attention
 from philora.preflight.architecture import Architecture
 
 GIB = 1024**3
@@ -62,13 +65,17 @@ class Estimate:
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Stands in for SDPA on the meta device, saving what the fused kernels save."""
+    """Stands in for SDPA on the meta device, saving what the fused kernels save; with `probabilities`, also what
+    packed_attention.CausalAttention keeps for a row's samples of up to MATMUL_LONGEST tokens (at most a row's
+    length times MATMUL_LONGEST per head: the row as samples of that length)."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probabilities: bool,
+                *mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse, *mask)
+        kept = [q.new_empty(*q.shape[:-1], min(q.shape[-2], MATMUL_LONGEST))] if probabilities else []
+        ctx.save_for_backward(q, k, v, out, lse, *kept, *mask)
         return out
 
     @staticmethod
@@ -76,18 +83,18 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, **_: Any) -> torch.Tensor:
-    return _FusedAttention.apply(q, k, v, *([attn_mask] if isinstance(attn_mask, torch.Tensor) else []))
-
-
 @contextlib.contextmanager
-def _on_meta(packed: bool) -> Iterator[None]:
+def _on_meta(packed: bool, probabilities: bool) -> Iterator[None]:
     """SDPA counted as the fused kernels; packed rows' block-diagonal mask made as a packed run makes it (transformers
     decides whether rows are packed by looking at the position ids' values, which the meta device has not)."""
     from transformers import masking_utils
 
+    def fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, **_: Any) -> torch.Tensor:
+        mask = [attn_mask] if isinstance(attn_mask, torch.Tensor) else []
+        return _FusedAttention.apply(q, k, v, probabilities, *mask)
+
     sdpa, find_packed = torch.nn.functional.scaled_dot_product_attention, masking_utils.find_packed_sequence_indices
-    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    torch.nn.functional.scaled_dot_product_attention = fused_sdpa
     masking_utils.find_packed_sequence_indices = lambda positions: (positions != -1).cumsum(-1) if packed else None
     try:
         yield
@@ -100,7 +107,11 @@ def saved_for_backward(arch: Architecture, batch: int, length: int, packed: bool
     """Count what the decoder saves for backward on a (batch x length) micro-batch, on the meta device."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    # training with sdpa attends per sample (model.packed_attention), keeping probabilities where it uses matmuls
+    probabilities = arch.attention == "sdpa" and matmul_attention(arch.dtype, hardware.device().type)
     model = arch.model
+    fused.install(model)  # the layers as a training step runs them (train.run.build installs the same)
+    rms_norm.install(model)
     model.train()
     decoder = model.get_base_model().get_decoder()
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
@@ -123,7 +134,7 @@ def saved_for_backward(arch: Architecture, batch: int, length: int, packed: bool
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
     positions = torch.arange(length, device="meta").expand(batch, length)
     try:
-        with _on_meta(packed), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _on_meta(packed, probabilities), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             decoder(input_ids=ids, position_ids=positions, use_cache=False)
     finally:
         for hook in hooks:
