@@ -90,14 +90,16 @@ def test_fused_lora_equals_peft_in_value_and_gradients(dtype: torch.dtype) -> No
         torch.testing.assert_close(g2[name], g1[name], **tolerance)
 
 
-def test_fused_lora_with_dropout_is_the_formula_with_its_mask_and_has_exact_gradients() -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_lora_with_dropout_is_the_formula_with_its_mask_and_has_exact_gradients(in_place: bool) -> None:
     p = 0.3
     hidden = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((7, 96), (7, 64), (4, 64),
                                                                                           (96, 4))]  # fmt: skip
 
     def branch(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(5)  # the same mask on every call
-        return fused.lora_delta(base, x, a, b, 2.0, p)
+        # in place, into a fresh tensor as a base layer's output is (the leaf itself cannot be written)
+        return fused.lora_delta(base * 1 if in_place else base, x, a, b, 2.0, p, in_place)
 
     assert torch.autograd.gradcheck(branch, hidden)
     base, x, a, b = hidden

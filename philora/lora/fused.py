@@ -45,7 +45,7 @@ class LoraDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, base: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                scaling: float, p: float) -> torch.Tensor:  # fmt: skip
+                scaling: float, p: float, in_place: bool) -> torch.Tensor:  # fmt: skip
         dtype = base.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         a = weight_a.to(dtype)
@@ -56,11 +56,14 @@ class LoraDelta(torch.autograd.Function):
             a = a * a_scale
         b = weight_b.to(dtype)
         hidden = flat @ a.T  # (tokens, r)
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden, b.T, alpha=scaling)
         ctx.save_for_backward(flat, hidden, a, b, keep)
         ctx.scaling, ctx.a_scale, ctx.x_shape = scaling, a_scale, x.shape
         ctx.dtypes = x.dtype, weight_a.dtype, weight_b.dtype
-        return out.view(base.shape)
+        if in_place and base.is_contiguous():  # one pass less than a new output
+            base.view(-1, base.shape[-1]).addmm_(hidden, b.T, alpha=scaling)
+            ctx.mark_dirty(base)
+            return base
+        return torch.addmm(base.reshape(-1, base.shape[-1]), hidden, b.T, alpha=scaling).view(base.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -76,13 +79,14 @@ class LoraDelta(torch.autograd.Function):
             if keep is not None:
                 grad_x = torch.where(keep, grad_x, 0)
             grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
-        return grad, grad_x, grad_a, grad_b, None, None
+        return grad, grad_x, grad_a, grad_b, None, None, None
 
 
 def lora_delta(base: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
-               p: float) -> torch.Tensor:  # fmt: skip
-    """base + scaling * (dropout_p(x) @ weight_a.T) @ weight_b.T in base's dtype; gradients in each input's dtype."""
-    return LoraDelta.apply(base, x, weight_a, weight_b, scaling, p)
+               p: float, in_place: bool = False) -> torch.Tensor:  # fmt: skip
+    """base + scaling * (dropout_p(x) @ weight_a.T) @ weight_b.T in base's dtype; gradients in each input's dtype.
+    With `in_place`, the sum is written into `base` (a tensor nothing else uses, such as a layer's fresh output)."""
+    return LoraDelta.apply(base, x, weight_a, weight_b, scaling, p, in_place)
 
 
 def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -105,7 +109,7 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     base = self.base_layer(x)
-    return lora_delta(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+    return lora_delta(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, True)
 
 
 def install(peft_model: Any) -> int:
