@@ -155,7 +155,11 @@ def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries()
     torch.testing.assert_close(fallback, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_causal_attention_by_matmuls_has_exact_values_and_gradients() -> None:
+@pytest.mark.parametrize("block", [256, 3], ids=["one-block", "blocks-of-3"])
+def test_causal_attention_by_matmuls_has_exact_values_and_gradients(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", block)  # 7 tokens: one block, or 3 + 3 + 1
     torch.manual_seed(0)
     # (1, 4 heads, 7 tokens, 6) queries as attention gets them: a transposed view; 2 key/value heads
     query = torch.randn(1, 7, 4, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
@@ -266,6 +270,9 @@ def test_memory_estimate_counts_the_probabilities_matmul_attention_keeps(
         arch = architecture.build(config)
         assert arch.model.get_base_model().config.num_attention_heads == heads
         counts[keeps] = memory.saved_for_backward(arch, batch, length, packed=True)
+    # a row of 512 tokens as one sample, in blocks of 128 queries: 128 x (128 + 256 + 384 + 512) per head
+    assert packed_attention.kept_probabilities(512) == 128 * 1280 == 512 * 512 * 5 // 8
+    assert packed_attention.kept_probabilities(600) == 128 * 1280 + 88 * 88  # and a sample of the 88 left
     layers = len(counts[True].per_layer)
     size = arch.dtype.itemsize
     assert counts[True].total - counts[False].total == layers * batch * heads * length * length * size

@@ -23,7 +23,7 @@ from philora.data.batching import row_width
 from philora.lora import fused
 from philora.model import rms_norm
 from philora.model.loss import CHUNK, TokenLoss
-from philora.model.packed_attention import MATMUL_LONGEST, matmul_attention
+from philora.model.packed_attention import kept_probabilities, matmul_attention
 from philora.preflight.architecture import Architecture
 
 GIB = 1024**3
@@ -65,16 +65,15 @@ class Estimate:
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Stands in for SDPA on the meta device, saving what the fused kernels save; with `probabilities`, also what
-    packed_attention.CausalAttention keeps for a row's samples of up to MATMUL_LONGEST tokens (at most a row's
-    length times MATMUL_LONGEST per head: the row as samples of that length)."""
+    """Stands in for SDPA on the meta device, saving what the fused kernels save; with `probabilities`, also the
+    most packed_attention.CausalAttention keeps for a row's samples (`kept_probabilities`)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probabilities: bool,
                 *mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        kept = [q.new_empty(*q.shape[:-1], min(q.shape[-2], MATMUL_LONGEST))] if probabilities else []
+        kept = [q.new_empty(*q.shape[:-2], kept_probabilities(q.shape[-2]))] if probabilities else []
         ctx.save_for_backward(q, k, v, out, lse, *kept, *mask)
         return out
 
