@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from philora import hardware
 
 NAME = "philora_sdpa"  # the attention implementation a model trains with when its config asks for sdpa
-# The longest sample `CausalAttention` takes: it keeps each sample's probabilities (heads x length^2) for backward,
-# which for 512 tokens is about what the rest of the layer keeps for them; beyond, the flash kernel's memory stays
-# linear in the length and its block skipping catches up (2048 tokens: 154 ms against 209 fwd+bwd).
+# The longest sample `CausalAttention` takes: it keeps each sample's probabilities (5/8 of heads x length^2 at 512
+# tokens) for backward, which at 512 is about what the rest of the layer keeps for them; beyond, the flash kernel's
+# memory stays linear in the length and its speed catches up (2048 tokens in one block: 154 ms against 209).
 MATMUL_LONGEST = 512
 # `CausalAttention`'s queries per block, each block skipping the keys after its last query: 451 tokens, 9 heads over
 # 3, fwd+bwd 11.5 ms in one block, 6.8 in blocks of 128, 7.3 in blocks of 256 (2-core EPYC with AVX512-BF16)
@@ -125,7 +125,8 @@ class CausalAttention(torch.autograd.Function):
         kv_heads, length, dim = key.shape[1:]
         grad = grad[0].unflatten(0, (kv_heads, -1))
         grad_query = torch.empty_like(grad)
-        grad_key, grad_value = torch.zeros_like(key[0]), torch.zeros_like(value[0])
+        total = torch.promote_types(key.dtype, torch.float32)  # summed over the blocks in fp32 at least, rounded once
+        grad_key, grad_value = (torch.zeros(t.shape[1:], dtype=total, device=t.device) for t in (key, value))
         for (start, end), stacked, probs in zip(query_blocks(length), kept[0::2], kept[1::2], strict=True):
             block = grad[:, :, start:end].reshape(kv_heads, -1, dim)
             grad_value[:, :end] += torch.bmm(probs.transpose(1, 2), block)
@@ -133,8 +134,8 @@ class CausalAttention(torch.autograd.Function):
             grad_scores = torch._softmax_backward_data(scores, probs, -1, probs.dtype)
             grad_query[:, :, start:end] = torch.bmm(grad_scores, key[0, :, :end]).view(*grad.shape[:2], -1, dim)
             grad_key[:, :end] += torch.bmm(grad_scores.transpose(1, 2), stacked)
-        grad_query, grad_key = grad_query.mul_(ctx.scale), grad_key.mul_(ctx.scale)
-        return grad_query.view(1, -1, length, dim), grad_key[None], grad_value[None], None
+        grad_query, grad_key = grad_query.mul_(ctx.scale), grad_key.mul_(ctx.scale).to(key.dtype)
+        return grad_query.view(1, -1, length, dim), grad_key[None], grad_value.to(value.dtype)[None], None
 
 
 def query_blocks(length: int) -> list[tuple[int, int]]:
