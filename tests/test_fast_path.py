@@ -122,7 +122,18 @@ def test_dropout_masks_drop_with_the_asked_probability_in_every_lane_and_follow_
     assert torch.equal(keep, again)
 
 
-def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries() -> None:
+@pytest.mark.parametrize("mixed", [False, True], ids=["sdpa", "matmul-and-sdpa"])
+def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries(
+    mixed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[int] = []
+    if mixed:  # samples up to MATMUL_LONGEST tokens by matmuls, longer ones by SDPA, in one row
+        monkeypatch.setattr(packed_attention, "matmul_attention", lambda dtype, device_type: True)
+        monkeypatch.setattr(packed_attention, "MATMUL_LONGEST", 6)
+        real = packed_attention.CausalAttention.apply
+        monkeypatch.setattr(
+            packed_attention.CausalAttention, "apply", lambda *a: taken.append(a[0].shape[2]) or real(*a)
+        )
     torch.manual_seed(0)
     lengths = [5, 9, 1, 7]
     total = sum(lengths)
@@ -143,6 +154,7 @@ def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
 
     got, _ = packed_attention.packed_sdpa(module, query, key, value, None, scaling=0.3, **varlen)
+    assert taken == ([5, 1] if mixed else [])
     expected = reference(query, key, value)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(got)
@@ -182,35 +194,6 @@ def test_causal_attention_by_matmuls_has_exact_values_and_gradients(
     for g16, g32 in zip(torch.autograd.grad(got, (q16, k16, v16), grad.bfloat16()),
                         torch.autograd.grad(want, (q32, k32, v32), grad), strict=True):  # fmt: skip
         torch.testing.assert_close(g16.float(), g32, rtol=3e-2, atol=3e-2)
-
-
-def test_packed_attention_mixes_matmul_and_flash_per_sample_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Samples up to MATMUL_LONGEST tokens by matmuls, longer ones by SDPA, in one row: the same as masked SDPA."""
-    monkeypatch.setattr(packed_attention, "matmul_attention", lambda dtype, device_type: True)
-    monkeypatch.setattr(packed_attention, "MATMUL_LONGEST", 6)
-    taken = []
-    real = packed_attention.CausalAttention.apply
-    monkeypatch.setattr(packed_attention.CausalAttention, "apply", lambda *a: taken.append(a[0].shape[2]) or real(*a))
-    torch.manual_seed(0)
-    lengths = [5, 9, 1, 7]
-    total = sum(lengths)
-    module = torch.nn.Module()
-    module.num_key_value_groups = 2
-    query = torch.randn(1, 4, total, 8, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
-    varlen = packed_attention.varlen_arguments(torch.cat([torch.arange(n) for n in lengths])[None])
-    got, _ = packed_attention.packed_sdpa(module, query, key, value, None, scaling=0.3, **varlen)
-    assert taken == [5, 1]
-    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    mask = (sample[:, None] == sample[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
-    k, v = key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1)
-    expected = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(got)
-    for g, e in zip(torch.autograd.grad(got, (query, key, value), grad),
-                    torch.autograd.grad(expected, (query, key, value), grad), strict=True):  # fmt: skip
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 def test_matmul_attention_only_for_bf16_on_cpus_with_bf16_arithmetic_but_no_amx(
