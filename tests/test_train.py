@@ -279,10 +279,20 @@ def test_a_reporter_without_its_package_says_what_to_install(
     assert "training_config.report_to: wandb needs its package; pip install wandb" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
-    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, dtype: str
 ) -> None:
+    """Also in bf16 with the matmul attention, whatever this CPU would choose: its recomputation keeps the
+    probabilities a second time, the fused LoRA and RMSNorm functions run again."""
     from transformers import AutoModelForCausalLM
+
+    from philora.model import packed_attention
+
+    monkeypatch.setattr(packed_attention, "matmul_attention", lambda d, device_type: d == torch.bfloat16)
+    calls: list[int] = []
+    real = packed_attention.CausalAttention.apply
+    monkeypatch.setattr(packed_attention.CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from philora.config import TrainingSection
@@ -298,10 +308,12 @@ def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
     for name, extra in (("plain", []), ("half", ["training_config.gradient_checkpointing=true",
                                                  "training_config.gradient_checkpointing_layers=0.5"])):  # fmt: skip
         out = tmp_path / name
-        train(load_config(str(path), [f"training_config.output_dir={out}", "training_config.logging_steps=1", *extra]))
+        settings = [f"training_config.output_dir={out}", "training_config.logging_steps=1", f"model.dtype={dtype}"]
+        train(load_config(str(path), [*settings, *extra]))
         losses.append([r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r])
     # Recomputation replays the same dropout masks (the RNG state is restored), so nothing changes but memory.
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
+    assert bool(calls) is (dtype == "bfloat16")
 
 
 @pytest.mark.slow
