@@ -74,11 +74,11 @@ def cpu_line() -> str:
     """'CPU: AMD EPYC, 2 threads, bf16 flags: avx512_bf16': what the figures below were measured on."""
     import torch
 
-    from philora.hardware import cpu_detects_bf16
+    from philora.hardware import cpu_detects_bf16, cpu_flags
 
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = sorted({f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in text}) or ["none"]
+    flags = sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()) or ["none"]
     return (f"CPU: {model}, {torch.get_num_threads()} threads, bf16 flags: {' '.join(flags)} "
             f"(native bf16 detected: {cpu_detects_bf16()})")  # fmt: skip
 

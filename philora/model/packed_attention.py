@@ -66,7 +66,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if by_matmul(query):
         return CausalAttention.apply(query, key, value, scale)
     dtype = query.dtype
-    if dtype == torch.bfloat16 and query.device.type == "cpu" and "amx_bf16" not in hardware.cpu_flags():
+    if bf16_without_amx(dtype, query.device.type):
         # PyTorch's CPU flash kernel is faster in fp32 than in bf16 without AMX, casts included (a 420-token
         # sample, 9 heads: 12.4 against 17.4 ms fwd+bwd on a 2-core EPYC with AVX512-BF16)
         query, key, value = query.float(), key.float(), value.float()
@@ -86,12 +86,12 @@ def matmul_attention(dtype: torch.dtype, device_type: str) -> bool:
     flash kernel has no fast bf16 path and its fp32 one is slower than bf16 matmuls (a 451-token sample, 9 heads
     over 3: 8.1 against 13.6 ms fwd+bwd on a 2-core EPYC with AVX512-BF16). AMX's tile kernels inside the flash
     kernel, and GPUs' fused kernels, keep SDPA."""
-    return (
-        dtype == torch.bfloat16
-        and device_type == "cpu"
-        and "amx_bf16" not in hardware.cpu_flags()
-        and hardware.cpu_detects_bf16()
-    )
+    return bf16_without_amx(dtype, device_type) and hardware.cpu_detects_bf16()
+
+
+def bf16_without_amx(dtype: torch.dtype, device_type: str) -> bool:
+    """bf16 on a CPU without AMX, where PyTorch's flash kernel has no fast bf16 path."""
+    return dtype == torch.bfloat16 and device_type == "cpu" and "amx_bf16" not in hardware.cpu_flags()
 
 
 class CausalAttention(torch.autograd.Function):

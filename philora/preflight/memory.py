@@ -20,8 +20,6 @@ import torch
 from philora import hardware
 from philora.config import Config
 from philora.data.batching import row_width
-from philora.lora import fused
-from philora.model import rms_norm
 from philora.model.loss import CHUNK, TokenLoss
 from philora.model.packed_attention import kept_probabilities, matmul_attention
 from philora.preflight.architecture import Architecture
@@ -109,8 +107,6 @@ def saved_for_backward(arch: Architecture, batch: int, length: int, packed: bool
     # training with sdpa attends per sample (model.packed_attention), keeping probabilities where it uses matmuls
     probabilities = arch.attention == "sdpa" and matmul_attention(arch.dtype, hardware.device().type)
     model = arch.model
-    fused.install(model)  # the layers as a training step runs them (train.run.build installs the same)
-    rms_norm.install(model)
     model.train()
     decoder = model.get_base_model().get_decoder()
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
