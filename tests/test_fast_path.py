@@ -104,22 +104,51 @@ def test_fused_lora_with_dropout_is_the_formula_with_its_mask_and_has_exact_grad
     assert torch.autograd.gradcheck(branch, hidden)
     base, x, a, b = hidden
     torch.manual_seed(5)
-    keep, drawn = fused.keep_mask(x.shape, p, x.device)
-    expected = base + 2.0 * ((x * keep / (1 - drawn)) @ a.T) @ b.T
+    dropped, drawn = fused.draw_dropout(x.shape, p, x.device)
+    assert drawn == p and dropped.dtype == torch.int64 and 0 < len(dropped) < x.numel()  # positions, on the CPU
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[dropped] = False
+    expected = base + 2.0 * ((x * keep.view(x.shape) / (1 - p)) @ a.T) @ b.T
     torch.testing.assert_close(branch(*hidden), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_dropout_masks_drop_with_the_asked_probability_in_every_lane_and_follow_the_seed() -> None:
+@pytest.mark.parametrize("draws", [None, 3], ids=["as-drawn", "drawn-on-three-at-a-time"])
+def test_dropout_positions_are_independent_drops_with_the_asked_probability_and_follow_the_seed(
+    monkeypatch: pytest.MonkeyPatch, draws: int | None
+) -> None:
+    if draws:  # the rare case of gaps that fall short of the end, made the rule: drawn on from the last position
+        monkeypatch.setattr(fused, "gap_draws", lambda expected: draws)
+    p, numel = 0.05, 400_000 if draws else 4_000_000
     torch.manual_seed(0)
-    keep, drawn = fused.keep_mask(torch.Size((2000, 1000)), 0.05, torch.device("cpu"))
+    dropped = fused.dropped_positions(numel, p, torch.device("cpu"))
+    assert dropped.dtype == torch.int64 and int(dropped[0]) >= 0 and int(dropped[-1]) < numel
+    assert bool((dropped.diff() > 0).all())  # ascending, no position twice
+    sigma = (p * (1 - p) / numel) ** 0.5
+    assert abs(len(dropped) / numel - p) < 5 * sigma
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[dropped] = True
+    for lane in range(4):  # every position alike
+        assert abs(mask[lane::4].float().mean().item() - p) < 5 * 2 * sigma
+    # independence: the element after a dropped one is dropped with probability p too, as are runs of three
+    after = mask[1:][mask[:-1]].float()
+    assert abs(after.mean().item() - p) < 5 * (p * (1 - p) / len(after)) ** 0.5
+    runs = (mask[:-2] & mask[1:-1] & mask[2:]).float().mean().item()
+    assert abs(runs - p**3) < 5 * (p**3 / numel) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(fused.dropped_positions(numel, p, torch.device("cpu")), dropped)
+    assert fused.dropped_positions(numel, p, torch.device("meta")).shape == (round(numel * p),)  # the estimate's pass
+
+
+def test_dropout_masks_on_other_devices_drop_with_the_asked_probability_in_every_lane() -> None:
+    torch.manual_seed(0)
+    dropped, drawn = fused.dropped_mask(torch.Size((2000, 1000)), 0.05, torch.device("cpu"))
     assert drawn == 3277 / 65536
-    dropped = ~keep.flatten()
+    dropped = dropped.flatten()
     # each of the four 16-bit lanes of a 64-bit draw drops at the same rate (a sign bit left at zero would not)
     for lane in range(4):
         assert abs(dropped[lane::4].float().mean().item() - drawn) < 2e-3
-    torch.manual_seed(0)
-    again, _ = fused.keep_mask(torch.Size((2000, 1000)), 0.05, torch.device("cpu"))
-    assert torch.equal(keep, again)
+    x = torch.ones(2000, 1000)
+    assert torch.equal(fused.zero_dropped_(x, dropped.view(x.shape)).flatten() == 0, dropped)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["sdpa", "matmul-and-sdpa"])
