@@ -1,6 +1,6 @@
 """Training speed: philora vs TRL's SFTTrainer, same model, data, LoRA, row length, batch and steps.
 
-    .venv/bin/python bench/train_speed.py [--steps 6] [--length 512] [--batch 4] [--rounds 1] [--dtype auto]
+    .venv/bin/python bench/train_speed.py [--steps 6] [--length 512] [--batch 4] [--rounds 2] [--dtype auto]
                                           [--checkpoint-layers F]
 
 The model is the embedded SmolLM2-135M re-laid as Phi-3, LoRA r=16 alpha=32 dropout 0.05 on all linear layers,
@@ -29,7 +29,8 @@ from harness import Run, common_arguments, matmul_peak, mfu, spawn, work_if_work
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(p, steps=6, length=512, batch=4, rows=600)
-    p.add_argument("--rounds", type=int, default=1, help="alternate philora and TRL this many times; best of each")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate philora and TRL this many times; best of each (a run varies by ~10%%)")  # fmt: skip
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "both"],
