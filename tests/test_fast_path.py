@@ -1,7 +1,8 @@
 """The training step's fast path gives the numbers of the plain one: the fused LoRA branch (lora/fused.py), the
-fused RMSNorm (model/rms_norm.py), flat packed rows with per-sample attention (model/packed_attention.py) and the
-chunked head, against peft's and transformers' own modules on padded rows with a masked attention, step by step
-on a tiny Phi-3; and each piece against its reference in value and gradients."""
+fused RMSNorm (model/rms_norm.py), Phi-3's rotary embedding (model/rotary.py), flat packed rows with per-sample
+attention (model/packed_attention.py) and the chunked head, against peft's and transformers' own modules on padded
+rows with a masked attention, step by step on a tiny Phi-3; and each piece against its reference in value and
+gradients."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conftest import read_jsonl, tiny_config
 
 from philora.config import load_config
 from philora.lora import fused
-from philora.model import packed_attention, rms_norm
+from philora.model import packed_attention, rms_norm, rotary
 from philora.preflight import memory
 from philora.train import run as train_run
 
@@ -32,10 +33,16 @@ def losses_of(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], nam
 def test_fast_path_losses_equal_the_plain_path_step_by_step(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
+    rotations: list[int] = []
+    real = rotary.RotaryQKV.apply
+    with monkeypatch.context() as m:
+        m.setattr(rotary.RotaryQKV, "apply", lambda *a: rotations.append(1) or real(*a))
+        fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
+    assert rotations  # the fast path rotated through RotaryQKV
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)  # peft's own LoRA modules
-        m.setattr(rms_norm, "install", lambda model: 0)  # and transformers' RMSNorm
+        m.setattr(rms_norm, "install", lambda model: 0)  # transformers' RMSNorm
+        m.setattr(rotary, "install", lambda model: 0)  # and attention forward
         # eager attention: padded rows, the block-diagonal mask transformers builds from the positions
         plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", "model.dtype=float32",
                           "model.attn_implementation=eager")  # fmt: skip
@@ -55,6 +62,7 @@ def test_fast_path_in_bf16_follows_the_plain_path_within_bf16(
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)
         m.setattr(rms_norm, "install", lambda model: 0)
+        m.setattr(rotary, "install", lambda model: 0)
         plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", *bf16, "model.attn_implementation=eager")
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=0)
 
@@ -88,6 +96,38 @@ def test_fused_lora_equals_peft_in_value_and_gradients(dtype: torch.dtype) -> No
     for name in g1:
         assert g2[name].dtype == torch.float32  # the adapter's own dtype, as peft keeps it
         torch.testing.assert_close(g2[name], g1[name], **tolerance)
+
+
+@pytest.mark.parametrize("rotated", [1.0, 0.5], ids=["rotary", "partial-rotary"])
+def test_rotary_attention_is_transformers_phi3_attention_with_exact_gradients(rotated: float) -> None:
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3RotaryEmbedding
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+                        partial_rotary_factor=rotated)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    plain = Phi3Attention(config, 0).double().train()
+    quick = copy.deepcopy(plain)
+    assert rotary.install(quick) == 1
+    x = torch.randn(2, 7, 64, dtype=torch.float64)
+    positions = torch.arange(7).expand(2, 7)
+    cos, sin = Phi3RotaryEmbedding(config)(x, positions)
+    assert cos.shape[-1] == 16 * rotated  # half the head's dimensions rotated, half passed through
+    results = []
+    for module in (plain, quick):
+        inputs = x.clone().requires_grad_()
+        y, _ = module(inputs, position_embeddings=(cos, sin), attention_mask=None, position_ids=positions)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        results.append((y, inputs.grad, module.qkv_proj.weight.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    qkv = torch.randn(2, 7, 8 * 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: rotary.RotaryQKV.apply(t, cos, sin, 4, 2), (qkv,))
+    quick.eval()  # evaluation runs transformers' own forward
+    with torch.no_grad():
+        y, _ = quick(x, position_embeddings=(cos, sin), attention_mask=None, position_ids=positions)
+    torch.testing.assert_close(y, plain.eval()(x, position_embeddings=(cos, sin), attention_mask=None)[0])
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -136,7 +176,10 @@ def test_dropout_positions_are_independent_drops_with_the_asked_probability_and_
     assert abs(runs - p**3) < 5 * (p**3 / numel) ** 0.5
     torch.manual_seed(0)
     assert torch.equal(fused.dropped_positions(numel, p, torch.device("cpu")), dropped)
-    assert fused.dropped_positions(numel, p, torch.device("meta")).shape == (round(numel * p),)  # the estimate's pass
+    if not draws:  # the estimate's pass: as many as expected, held in a buffer of the size drawn
+        meta = fused.dropped_positions(numel, p, torch.device("meta"))
+        assert meta.shape == (round(numel * p),)
+        assert meta.untyped_storage().nbytes() == dropped.untyped_storage().nbytes() == 8 * fused.gap_draws(numel * p)
 
 
 def test_dropout_masks_on_other_devices_drop_with_the_asked_probability_in_every_lane() -> None:

@@ -56,8 +56,8 @@ def dropped_positions(numel: int, p: float, device: torch.device) -> torch.Tenso
     The gaps between them are then geometric, P(gap = k) = (1-p)^(k-1) p, drawn as floor(log(1-u) / log(1-p)) + 1
     from uniform fp32 u (its 2^-24 steps move each probability by less than 1e-7)."""
     expected = numel * p
-    if device.type == "meta":  # the memory estimate's pass: as many as expected
-        return torch.empty(round(expected), dtype=torch.int64, device=device)
+    if device.type == "meta":  # the memory estimate's pass: as many as expected, in as large a buffer as drawn
+        return torch.empty(gap_draws(expected), dtype=torch.int64, device=device)[: round(expected)]
     rate = math.log1p(-p)
     chunks, last = [], -1
     while last < numel - 1:

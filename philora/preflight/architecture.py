@@ -26,7 +26,7 @@ from philora.lora.targets import (
     resolve_targets,
     trainable_parameters,
 )
-from philora.model import rms_norm
+from philora.model import rms_norm, rotary
 from philora.model.layout import FUSED, SLICES
 from philora.model.load import check_attention, from_pretrained, longrope_boundary, model_source
 
@@ -86,6 +86,7 @@ def build(config: Config) -> Architecture:
     peft_model = apply_lora(base, pc, quantized=mc.quantization is not None, say=False)
     fused_lora.install(peft_model)  # the layers as a training step runs them (train.run.build installs the same),
     rms_norm.install(peft_model)  # so the memory estimate counts what they keep
+    rotary.install(peft_model)
     from peft.tuners.lora import LoraLayer
 
     adapted = Counter(n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))

@@ -28,15 +28,13 @@ GIB = 1024**3
 # bitsandbytes NF4 with double quantisation: 4 bits a weight, an 8-bit scale per 64 weights, and an fp32 scale
 # per 256 of those; LLM.int8: a byte a weight (its per-row fp32 scales are negligible).
 BYTES_PER_WEIGHT = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
-# On a CPU, glibc's heap keeps much of what a step frees: the forward pass's temporaries sit between the tensors
+# On a CPU, glibc's heap keeps some of what a step frees: the forward pass's temporaries sit between the tensors
 # saved for backward, so the holes are not returned to the system and the resident size peaks above the live
-# tensors. Measured with the embedded model in fp32 (1x384 to 2x2048 tokens, with and without checkpointing) as
-# resident peak minus live peak (the latter with MALLOC_MMAP_THRESHOLD_=65536): 0.36 to 0.68 of the bytes one
-# forward pass saves when nothing is checkpointed, varying by some 10% between identical runs. With every layer
-# checkpointed, fewer saved tensors pin the holes: 0.28 and 0.32 of that same figure (1024 x 2 and 2048 x 2, fp32,
-# measured again after the head's chunks became 256 reused rows); a fraction of layers lies in between.
-HEAP_SLACK = 0.45
-HEAP_SLACK_CHECKPOINTED = 0.30
+# tensors. As a fraction of the bytes one forward pass saves, with the embedded model in fp32 (resident peak minus
+# the estimate's other parts; 1x384 to 2x2048 tokens, with and without checkpointing): 0.08 to 0.16 since the
+# fast path's rotation, dropout and norms leave few temporaries (it was 0.28 to 0.68 before), varying by some 10%
+# between identical runs.
+HEAP_SLACK = 0.15
 
 
 @dataclass
@@ -178,9 +176,7 @@ def estimate(config: Config, arch: Architecture) -> Estimate:
     }
     device, capacity, available, runtime = device_memory()
     if device == "cpu":
-        recomputed = tc.gradient_checkpointing_layers if tc.gradient_checkpointing else 0.0
-        slack = HEAP_SLACK + (HEAP_SLACK_CHECKPOINTED - HEAP_SLACK) * recomputed
-        parts["heap slack"] = int(slack * saved.total)
+        parts["heap slack"] = int(HEAP_SLACK * saved.total)
     parts["runtime"] = runtime
     return Estimate(parts, device, capacity, available)
 

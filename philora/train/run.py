@@ -31,7 +31,7 @@ from philora.export import card
 from philora.infer.adapters import read_adapter, read_run_config
 from philora.lora import fused, slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
-from philora.model import packed_attention, rms_norm
+from philora.model import packed_attention, rms_norm, rotary
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
 from philora.preflight.command import gate
 from philora.preflight.report import size
@@ -107,6 +107,7 @@ def build(run: Run) -> None:
         model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
     fused.install(model)  # peft's LoRA linear layers compute their branch in one autograd function
     rms_norm.install(model)  # and the RMSNorms their normalization
+    rotary.install(model)  # and Phi-3's attention its rotary embedding
     run.model = model
     if run.main and config.model.adapter is None:
         run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config)
