@@ -12,9 +12,8 @@ import torch
 
 from philora.cli import main
 from philora.config import load_config
-from philora.lora import fused
 from philora.lora.targets import apply_lora, trainable_parameters
-from philora.model import rms_norm, rotary
+from philora.model import fast_path
 from philora.model.load import load_model
 from philora.preflight import architecture, memory
 from tests.conftest import tiny_config
@@ -49,9 +48,7 @@ def test_meta_pass_saves_what_a_real_forward_saves(tmp_path: Path, tiny_phi3: Pa
     batch, length = 2, 256
     counted = memory.saved_for_backward(architecture.build(config), batch, length, packed=False)
     model = apply_lora(load_model(config.model, training=True), config.peft_config, say=False)
-    fused.install(model)  # as train.run.build does
-    rms_norm.install(model)
-    rotary.install(model)
+    fast_path.install(model)  # as train.run.build does
     model.train()
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     sizes: dict[int, int] = {}

@@ -16,7 +16,6 @@ import torch
 
 from philora import hardware
 from philora.config import Config
-from philora.lora import fused as fused_lora
 from philora.lora import slices
 from philora.lora.targets import (
     INIT_FROM_WEIGHTS,
@@ -26,7 +25,7 @@ from philora.lora.targets import (
     resolve_targets,
     trainable_parameters,
 )
-from philora.model import rms_norm, rotary
+from philora.model import fast_path
 from philora.model.layout import FUSED, SLICES
 from philora.model.load import check_attention, from_pretrained, longrope_boundary, model_source
 
@@ -84,9 +83,7 @@ def build(config: Config) -> Architecture:
     if str(pc.init_lora_weights).startswith(INIT_FROM_WEIGHTS):
         pc = dataclasses.replace(pc, init_lora_weights=True)
     peft_model = apply_lora(base, pc, quantized=mc.quantization is not None, say=False)
-    fused_lora.install(peft_model)  # the layers as a training step runs them (train.run.build installs the same),
-    rms_norm.install(peft_model)  # so the memory estimate counts what they keep
-    rotary.install(peft_model)
+    fast_path.install(peft_model)  # as a training step runs, so the memory estimate counts what it keeps
     from peft.tuners.lora import LoraLayer
 
     adapted = Counter(n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))

@@ -29,9 +29,9 @@ from philora.errors import UserError
 from philora.eval import report, runner, table
 from philora.export import card
 from philora.infer.adapters import read_adapter, read_run_config
-from philora.lora import fused, slices
+from philora.lora import slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
-from philora.model import packed_attention, rms_norm, rotary
+from philora.model import fast_path, packed_attention
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
 from philora.preflight.command import gate
 from philora.preflight.report import size
@@ -105,9 +105,7 @@ def build(run: Run) -> None:
         run.files.base_answers.write_text(json.dumps(answers, ensure_ascii=False) + "\n")
     if config.model.adapter is None:
         model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
-    fused.install(model)  # peft's LoRA linear layers compute their branch in one autograd function
-    rms_norm.install(model)  # and the RMSNorms their normalization
-    rotary.install(model)  # and Phi-3's attention its rotary embedding
+    fast_path.install(model)
     run.model = model
     if run.main and config.model.adapter is None:
         run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config)
