@@ -16,7 +16,7 @@ from conftest import read_jsonl, tiny_config
 
 from philora.config import load_config
 from philora.lora import fused
-from philora.model import packed_attention, rms_norm, rotary
+from philora.model import cpu_matmul, packed_attention, rms_norm, rotary
 from philora.preflight import memory
 from philora.train import run as train_run
 
@@ -34,11 +34,15 @@ def test_fast_path_losses_equal_the_plain_path_step_by_step(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rotations: list[int] = []
+    frozen: list[int] = []
     real = rotary.RotaryQKV.apply
+    real_frozen = cpu_matmul.FrozenLinear.apply
     with monkeypatch.context() as m:
         m.setattr(rotary.RotaryQKV, "apply", lambda *a: rotations.append(1) or real(*a))
+        m.setattr(cpu_matmul.FrozenLinear, "apply", lambda *a: frozen.append(1) or real_frozen(*a))
         fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
     assert rotations  # the fast path rotated through RotaryQKV
+    assert bool(frozen) == cpu_matmul.onednn_available()  # and multiplied by the frozen weights through oneDNN
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)  # peft's own LoRA modules
         m.setattr(rms_norm, "install", lambda model: 0)  # transformers' RMSNorm

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from philora.model import cpu_matmul
+
 LEVELS = 1 << 16  # the dropout probability's resolution for masks (other devices than the CPU): 16-bit integers
 
 
@@ -153,7 +155,7 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    base = self.base_layer(x)
+    base = cpu_matmul.frozen_linear(self.base_layer, x)
     return lora_delta(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, True)
 
 

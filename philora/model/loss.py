@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from philora.data.render import IGNORE
+from philora.model import cpu_matmul
 from philora.model.packed_attention import varlen_arguments
 
 CHUNK = 256  # positions per head + cross-entropy chunk: (CHUNK x vocabulary) floats live at a time
@@ -42,7 +43,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], CHUNK):
             h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
             n = len(t)
-            torch.mm(h, weight.T, out=products[:n])
+            cpu_matmul.linear_into(products[:n], h, weight)
             z = logits[:n]
             if logits is not products:  # the softmax's precision is wider than the matmul's
                 z.copy_(products[:n])
@@ -55,7 +56,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 probs.div_(total)
                 probs[torch.arange(n, device=t.device), t] -= 1
                 narrow = probs if probs.dtype == weight.dtype else products[:n].copy_(probs)
-                torch.mm(narrow, weight, out=grad[start : start + n])
+                cpu_matmul.linear_into(grad[start : start + n], narrow, weight.T)
         ctx.save_for_backward(grad)
         return out
 
