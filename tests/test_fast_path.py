@@ -306,7 +306,9 @@ def test_fused_rms_norm_is_each_listed_norm_bit_for_bit(name: str, dtype: torch.
     got = module(x)
     assert got.grad_fn is not None and "RMSNormFunction" in type(got.grad_fn).__name__
     assert torch.equal(got, expected)
+    before = x.detach().clone()
     (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(x, before)  # backward leaves the saved input as it was (fp32 once scaled it in place)
     # the same formula in another order: equal to the dtype's last bit
     torch.testing.assert_close(got_grad, expected_grad, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
     module.eval()  # evaluation and generation run the module's own forward

@@ -38,7 +38,7 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         # d/dx of x * r with r = rsqrt(mean(x^2) + eps), for an upstream g: r * (g - x_hat * mean(g * x_hat))
         g = (grad * weight).float()
-        x_hat = x.float().mul_(rstd)
+        x_hat = x * rstd  # fp32 (rstd's dtype); never in place: in fp32, x.float() would be the saved input
         projection = (g * x_hat).mean(-1, keepdim=True)
         return torch.addcmul(g, x_hat, projection, value=-1).mul_(rstd).to(x.dtype), None, None
 
