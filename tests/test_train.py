@@ -148,6 +148,37 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path, tiny_phi3: Path, tiny_data:
     assert (result.output_dir / "adapter/adapter_model.safetensors").is_file()
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation_on_the_cpu(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]
+) -> None:
+    """bitsandbytes repacks a 4-bit weight for CPU inference on its first eval-mode forward without gradients
+    (on CPUs with AVX512-BF16), after which nothing flows back through it; a run evaluates and generates."""
+    pytest.importorskip("bitsandbytes")
+    from philora.train import run as train_run
+
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data)  # answers the eval prompts with the base model first
+    config = load_config(str(path), ["model.quantization=4bit", "model.dtype=bfloat16", "peft_config.lora_dropout=0",
+                                     f"training_config.output_dir={tmp_path / 'q'}"])  # fmt: skip
+    run = train_run.set_up(config, None)
+    train_run.build(run)
+    batch, _ = run.objective.step(run.plan.micro_batches(0), run.plan).batches[0]
+
+    def lora_gradients() -> dict[str, torch.Tensor]:
+        run.loss_fn.train()
+        run.loss_fn.zero_grad(set_to_none=True)
+        run.loss_fn(**batch)[0].backward()
+        return {n: p.grad.clone() for n, p in run.loss_fn.named_parameters() if p.requires_grad}
+
+    before = lora_gradients()
+    run.loss_fn.eval()
+    with torch.no_grad():  # an evaluation inside the run
+        run.loss_fn(**batch)
+    after = lora_gradients()
+    assert before.keys() == after.keys() and len(before) == 16
+    for name, grad in before.items():
+        assert torch.equal(after[name], grad), name
+
+
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
     from philora.train.loop import due
     from philora.train.plan import Plan

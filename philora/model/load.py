@@ -151,11 +151,29 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
     model = from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
     if quant is None:
         model.to(dev)
+    elif training and dev.type == "cpu":
+        keep_4bit_weights_differentiable(model)
     model.config.use_cache = not training
     if training and mc.attn_implementation == "sdpa":  # the same SDPA, one sample at a time on flat packed rows
         packed_attention.register()
         model.set_attn_implementation(packed_attention.NAME)
     return model
+
+
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model that trains; returns how many
+    layers it would have repacked.
+
+    On a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place the first time it runs in eval
+    mode without gradients (an evaluation or generation inside the run), and from then on multiplies through a
+    kernel that has no backward, in training too: gradients stop flowing through every 4-bit layer and the LoRA
+    layers below get none from above, silently (bitsandbytes 0.50). Its dequantizing path serves both."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def longrope_boundary(config: Any) -> int | None:
