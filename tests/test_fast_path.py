@@ -71,6 +71,31 @@ def test_fast_path_in_bf16_follows_the_plain_path_within_bf16(
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_path_follows_peft_on_a_quantized_base_within_bf16(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    qlora = (f"model.quantization={bits}bit", "model.dtype=bfloat16")
+    trained: list[str] = []  # the base layers of the LoRA layers that went through the fused branch in training
+    real = fused.fused_forward
+
+    def recorded(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not x.is_meta:  # the memory estimate's meta pass runs an unquantised copy first
+            trained.append(type(self.base_layer).__name__)
+        return real(self, x)
+
+    with monkeypatch.context() as m:
+        m.setattr(fused, "fused_forward", recorded)
+        fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", *qlora)
+    assert trained and set(trained) == {"Linear4bit" if bits == 4 else "Linear8bitLt"}
+    with monkeypatch.context() as m:
+        m.setattr(fused, "install", lambda model: 0)  # peft's own bitsandbytes LoRA layers
+        plain = losses_of(tmp_path, tiny_phi3, tiny_data, "plain", *qlora)
+    assert len(fast) == 6
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_lora_equals_peft_in_value_and_gradients(dtype: torch.dtype) -> None:
     from peft import LoraConfig, get_peft_model
