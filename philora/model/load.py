@@ -166,8 +166,8 @@ def keep_4bit_weights_differentiable(model: torch.nn.Module) -> int:
 
     On a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place the first time it runs in eval
     mode without gradients (an evaluation or generation inside the run), and from then on multiplies through a
-    kernel that has no backward, in training too: gradients stop flowing through every 4-bit layer and the LoRA
-    layers below get none from above, silently (bitsandbytes 0.50). Its dequantizing path serves both."""
+    kernel that has no backward, in training too: no gradient flows back through any 4-bit weight (only through
+    the LoRA branches and the residual stream), silently (bitsandbytes 0.50). Its dequantizing path serves both."""
     count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
