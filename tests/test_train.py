@@ -177,6 +177,9 @@ def test_qlora_gradients_are_the_same_after_an_evaluation_on_the_cpu(
     assert before.keys() == after.keys() and len(before) == 16
     for name, grad in before.items():
         assert torch.equal(after[name], grad), name
+    # nor did the base model's answers before training repack them (which would make both gradients wrong alike)
+    layers = [m for m in run.loss_fn.modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert len(layers) == 8 and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order() -> None:
