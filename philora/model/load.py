@@ -160,20 +160,16 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
     return model
 
 
-def keep_4bit_weights_differentiable(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model that trains; returns how many
-    layers it would have repacked.
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model that trains.
 
     On a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place the first time it runs in eval
     mode without gradients (an evaluation or generation inside the run), and from then on multiplies through a
     kernel that has no backward, in training too: no gradient flows back through any 4-bit weight (only through
     the LoRA branches and the residual stream), silently (bitsandbytes 0.50). Its dequantizing path serves both."""
-    count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def longrope_boundary(config: Any) -> int | None:
