@@ -15,6 +15,7 @@ from philora.config import load_config
 from philora.lora.targets import apply_lora, trainable_parameters
 from philora.model import fast_path
 from philora.model.load import load_model
+from philora.model.packed_attention import varlen_arguments
 from philora.preflight import architecture, memory
 from tests.conftest import tiny_config
 
@@ -58,9 +59,11 @@ def test_meta_pass_saves_what_a_real_forward_saves(tmp_path: Path, tiny_phi3: Pa
             sizes[key] = max(sizes.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    ids = torch.randint(0, 1000, (batch, length))
+    # as training feeds it: the batch's samples in one flat row, attention told where each starts
+    ids = torch.randint(0, 1000, (1, batch * length))
+    positions = torch.arange(length).repeat(batch)[None]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_base_model().get_decoder()(input_ids=ids, position_ids=torch.arange(length).expand(batch, length))
+        model.get_base_model().get_decoder()(input_ids=ids, position_ids=positions, **varlen_arguments(positions))
     real = sum(sizes.values())
     assert real > 0 and abs(counted.total - real) / real < 0.05, (counted.total, real)
     assert len(counted.per_layer) == 2 and counted.layer_input == batch * length * 32 * 4

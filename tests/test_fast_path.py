@@ -272,7 +272,8 @@ def test_packed_attention_equals_masked_sdpa_and_falls_back_without_boundaries(
 def test_causal_attention_by_matmuls_has_exact_values_and_gradients(
     block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", block)  # 7 tokens: one block, or 3 + 3 + 1
+    # 7 tokens: one block, or 3 + 3 + 1
+    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", {torch.float64: block, torch.bfloat16: block})
     torch.manual_seed(0)
     # (1, 4 heads, 7 tokens, 6) queries as attention gets them: a transposed view; 2 key/value heads
     query = torch.randn(1, 7, 4, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
@@ -297,7 +298,7 @@ def test_causal_attention_by_matmuls_has_exact_values_and_gradients(
         torch.testing.assert_close(g16.float(), g32, rtol=3e-2, atol=3e-2)
 
 
-def test_matmul_attention_only_for_bf16_on_cpus_with_bf16_arithmetic_but_no_amx(
+def test_matmul_attention_for_fp32_on_cpus_and_bf16_on_cpus_with_bf16_arithmetic_but_no_amx(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from philora import hardware
@@ -306,8 +307,10 @@ def test_matmul_attention_only_for_bf16_on_cpus_with_bf16_arithmetic_but_no_amx(
         monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
         monkeypatch.setattr(hardware, "cpu_detects_bf16", lambda flags=flags: bool({"avx512_bf16", "amx_bf16"} & flags))
         assert packed_attention.matmul_attention(torch.bfloat16, "cpu") is expected, flags
-        assert not packed_attention.matmul_attention(torch.float32, "cpu")
-        assert not packed_attention.matmul_attention(torch.bfloat16, "cuda")
+        assert packed_attention.matmul_attention(torch.float32, "cpu")
+        assert not packed_attention.matmul_attention(torch.float16, "cpu")
+        for dtype in (torch.float32, torch.bfloat16):
+            assert not packed_attention.matmul_attention(dtype, "cuda")
 
 
 @pytest.mark.parametrize("name", rms_norm.CLASSES)
@@ -356,9 +359,11 @@ def test_memory_estimate_counts_the_probabilities_matmul_attention_keeps(
         arch = architecture.build(config)
         assert arch.model.get_base_model().config.num_attention_heads == heads
         counts[keeps] = memory.saved_for_backward(arch, batch, length, packed=True)
-    # a row of 512 tokens as one sample, in blocks of 128 queries: 128 x (128 + 256 + 384 + 512) per head
-    assert packed_attention.kept_probabilities(512) == 128 * 1280 == 512 * 512 * 5 // 8
-    assert packed_attention.kept_probabilities(600) == 128 * 1280 + 88 * 88  # and a sample of the 88 left
+    # a row of 512 tokens as one sample, in blocks of 128 queries in bf16: 128 x (128 + 256 + 384 + 512) per head
+    assert packed_attention.kept_probabilities(512, torch.bfloat16) == 128 * 1280 == 512 * 512 * 5 // 8
+    assert packed_attention.kept_probabilities(600, torch.bfloat16) == 128 * 1280 + 88 * 88  # and a sample of 88
+    # in fp32, blocks of 64: 64 x (64 + 128 + ... + 512)
+    assert packed_attention.kept_probabilities(512, torch.float32) == 64 * 64 * 36 == 512 * 512 * 9 // 16
     layers = len(counts[True].per_layer)
     size = arch.dtype.itemsize
     assert counts[True].total - counts[False].total == layers * batch * heads * length * length * size

@@ -7,9 +7,9 @@ costs the sum of the samples' squared lengths instead of the row's: on the embed
 fwd+bwd per layer went from 61 to 42 ms in bf16 on a 2-core EPYC. It is what makes one flat row per micro-batch
 (no padding, see train.objective) affordable.
 
-How a sample attends depends on the hardware (see `by_matmul`): on a CPU with bf16 arithmetic but no AMX,
-samples of up to MATMUL_LONGEST tokens go through `CausalAttention` (batched bf16 matmuls); everything else
-through SDPA with `is_causal`, whose CPU flash kernel runs in fp32 on such a CPU.
+How a sample attends depends on the hardware (see `by_matmul`): on a CPU in fp32, or in bf16 with bf16
+arithmetic but no AMX, samples of up to MATMUL_LONGEST tokens go through `CausalAttention` (batched matmuls);
+everything else through SDPA with `is_causal`, whose CPU flash kernel runs in fp32 on a CPU without AMX.
 
 The samples' boundaries come as flash-attention's varlen arguments (`cu_seq_lens_q`: 0, end of sample 1, ...,
 the row's length), which `model.loss.TokenLoss` passes for a flat row; transformers' flash_attention_2 reads the
@@ -32,9 +32,11 @@ NAME = "philora_sdpa"  # the attention implementation a model trains with when i
 # tokens) for backward, which at 512 is about what the rest of the layer keeps for them; beyond, the flash kernel's
 # memory stays linear in the length and its speed catches up (2048 tokens in one block: 154 ms against 209).
 MATMUL_LONGEST = 512
-# `CausalAttention`'s queries per block, each block skipping the keys after its last query: 451 tokens, 9 heads over
-# 3, fwd+bwd 11.5 ms in one block, 6.8 in blocks of 128, 7.3 in blocks of 256 (2-core EPYC with AVX512-BF16)
-QUERY_BLOCK = 128
+# `CausalAttention`'s queries per block by dtype, each block skipping the keys after its last query. Fwd+bwd of a
+# row of 4 samples (1,560 tokens, 9 heads over 3) on a 2-core EPYC with AVX512-BF16: bf16 43.0 ms in blocks of 128,
+# 50.4 in 64, 45.3 in 192 (a 451-token sample: 11.5 ms in one block, 6.8 in 128); fp32 52.0 ms in blocks of 64,
+# 56.2 in 128, 62.2 in 32, against 65.4 by the flash kernel.
+QUERY_BLOCK = {torch.float32: 64, torch.bfloat16: 128}
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -82,11 +84,14 @@ def by_matmul(query: torch.Tensor) -> bool:
 
 
 def matmul_attention(dtype: torch.dtype, device_type: str) -> bool:
-    """Whether short samples attend by matmuls: bf16 on a CPU whose bf16 arithmetic has no AMX, where PyTorch's
+    """Whether short samples attend by matmuls: on a CPU in fp32, where the flash kernel's own small products are
+    slower than fp32 matmuls (a row of 4 samples, 1,560 tokens: 52.0 against 65.4 ms fwd+bwd on a 2-core EPYC;
+    a whole fp32 training step 4-5% faster); and in bf16 on a CPU whose bf16 arithmetic has no AMX, where PyTorch's
     flash kernel has no fast bf16 path and its fp32 one is slower than bf16 matmuls (a 451-token sample, 9 heads
-    over 3: 8.1 against 13.6 ms fwd+bwd on a 2-core EPYC with AVX512-BF16). AMX's tile kernels inside the flash
-    kernel, and GPUs' fused kernels, keep SDPA."""
-    return bf16_without_amx(dtype, device_type) and hardware.cpu_detects_bf16()
+    over 3: 8.1 against 13.6 ms). AMX's tile kernels inside the flash kernel, and GPUs' fused kernels, keep SDPA."""
+    if device_type != "cpu":
+        return False
+    return dtype == torch.float32 or (bf16_without_amx(dtype, device_type) and hardware.cpu_detects_bf16())
 
 
 def bf16_without_amx(dtype: torch.dtype, device_type: str) -> bool:
@@ -98,8 +103,9 @@ class CausalAttention(torch.autograd.Function):
     """softmax(scale * Q K^T + causal mask) V for one sample by batched matmuls, in the inputs' dtype with the
     softmax and its gradient accumulated in fp32 (as PyTorch's reduced-precision softmax does). The query heads
     that share a key/value head are stacked into one matrix, so each pass is one matmul per key/value head and
-    keys and values are never repeated. Queries go in blocks of QUERY_BLOCK, each against the keys up to its
-    last query only (a 512-token sample computes 5/8 of the scores). The probabilities are kept for backward."""
+    keys and values are never repeated. Queries go in blocks (`query_blocks`), each against the keys up to its
+    last query only (a 512-token sample in blocks of 128 computes 5/8 of the scores). The probabilities are kept
+    for backward."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -108,7 +114,7 @@ class CausalAttention(torch.autograd.Function):
         out = query.new_empty(heads.shape)
         kept = []
         with torch.autocast(query.device.type, enabled=False):
-            for start, end in query_blocks(length):
+            for start, end in query_blocks(length, query.dtype):
                 stacked = heads[:, :, start:end].reshape(kv_heads, -1, dim)  # (kv heads, groups x block, dim)
                 bias = causal_bias(start, end, heads.shape[1], query.dtype, query.device)
                 scores = torch.baddbmm(bias, stacked, key[0, :, :end].transpose(1, 2), alpha=scale)
@@ -127,7 +133,7 @@ class CausalAttention(torch.autograd.Function):
         grad_query = torch.empty_like(grad)
         total = torch.promote_types(key.dtype, torch.float32)  # summed over the blocks in fp32 at least, rounded once
         grad_key, grad_value = (torch.zeros(t.shape[1:], dtype=total, device=t.device) for t in (key, value))
-        for (start, end), stacked, probs in zip(query_blocks(length), kept[0::2], kept[1::2], strict=True):
+        for (start, end), stacked, probs in zip(query_blocks(length, key.dtype), kept[0::2], kept[1::2], strict=True):
             block = grad[:, :, start:end].reshape(kv_heads, -1, dim)
             grad_value[:, :end] += torch.bmm(probs.transpose(1, 2), block)
             scores = torch.bmm(block, value[0, :, :end].transpose(1, 2))
@@ -138,16 +144,20 @@ class CausalAttention(torch.autograd.Function):
         return grad_query.view(1, -1, length, dim), grad_key[None], grad_value.to(value.dtype)[None], None
 
 
-def query_blocks(length: int) -> list[tuple[int, int]]:
-    """(start, end) of each block of queries, QUERY_BLOCK long but for the last."""
-    return [(start, min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
+def query_blocks(length: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(start, end) of each block of queries, QUERY_BLOCK[dtype] long (128 for dtypes it does not list) but for
+    the last."""
+    size = QUERY_BLOCK.get(dtype, 128)
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def kept_probabilities(length: int) -> int:
-    """The most probabilities per head `CausalAttention` keeps for a flat row of `length` tokens: the row as samples
-    of MATMUL_LONGEST tokens (longer ones go to SDPA, shorter ones keep less for their tokens) and the rest."""
+def kept_probabilities(length: int, dtype: torch.dtype) -> int:
+    """The most probabilities per head `CausalAttention` keeps for a flat row of `length` tokens in `dtype`: the
+    row as samples of MATMUL_LONGEST tokens (longer ones go to SDPA, shorter ones keep less for their tokens) and
+    the rest."""
     longest = min(length, MATMUL_LONGEST)
-    per_sample = [sum((end - start) * end for start, end in query_blocks(n)) for n in (longest, length % longest)]
+    samples = (longest, length % longest)
+    per_sample = [sum((end - start) * end for start, end in query_blocks(n, dtype)) for n in samples]
     return length // longest * per_sample[0] + per_sample[1]
 
 

@@ -69,7 +69,7 @@ class _FusedAttention(torch.autograd.Function):
                 *mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        kept = [q.new_empty(*q.shape[:-2], kept_probabilities(q.shape[-2]))] if probabilities else []
+        kept = [q.new_empty(*q.shape[:-2], kept_probabilities(q.shape[-2], q.dtype))] if probabilities else []
         ctx.save_for_backward(q, k, v, out, lse, *kept, *mask)
         return out
 
