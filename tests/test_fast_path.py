@@ -35,14 +35,18 @@ def test_fast_path_losses_equal_the_plain_path_step_by_step(
 ) -> None:
     rotations: list[int] = []
     frozen: list[int] = []
+    attended: list[int] = []
     real = rotary.RotaryQKV.apply
     real_frozen = cpu_matmul.FrozenLinear.apply
+    real_attention = packed_attention.CausalAttention.apply
     with monkeypatch.context() as m:
         m.setattr(rotary.RotaryQKV, "apply", lambda *a: rotations.append(1) or real(*a))
         m.setattr(cpu_matmul.FrozenLinear, "apply", lambda *a: frozen.append(1) or real_frozen(*a))
+        m.setattr(packed_attention.CausalAttention, "apply", lambda *a: attended.append(1) or real_attention(*a))
         fast = losses_of(tmp_path, tiny_phi3, tiny_data, "fast", "model.dtype=float32")
     assert rotations  # the fast path rotated through RotaryQKV
     assert bool(frozen) == cpu_matmul.onednn_available()  # and multiplied by the frozen weights through oneDNN
+    assert attended  # and attended by matmuls per sample, as fp32 on a CPU does
     with monkeypatch.context() as m:
         m.setattr(fused, "install", lambda model: 0)  # peft's own LoRA modules
         m.setattr(rms_norm, "install", lambda model: 0)  # transformers' RMSNorm
