@@ -86,12 +86,11 @@ def by_matmul(query: torch.Tensor) -> bool:
 def matmul_attention(dtype: torch.dtype, device_type: str) -> bool:
     """Whether short samples attend by matmuls: on a CPU in fp32, where the flash kernel's own small products are
     slower than fp32 matmuls (a row of 4 samples, 1,560 tokens: 52.0 against 65.4 ms fwd+bwd on a 2-core EPYC;
-    a whole fp32 training step 4-5% faster); and in bf16 on a CPU whose bf16 arithmetic has no AMX, where PyTorch's
+    a whole fp32 training step 2-4% faster); and in bf16 on a CPU whose bf16 arithmetic has no AMX, where PyTorch's
     flash kernel has no fast bf16 path and its fp32 one is slower than bf16 matmuls (a 451-token sample, 9 heads
     over 3: 8.1 against 13.6 ms). AMX's tile kernels inside the flash kernel, and GPUs' fused kernels, keep SDPA."""
-    if device_type != "cpu":
-        return False
-    return dtype == torch.float32 or (bf16_without_amx(dtype, device_type) and hardware.cpu_detects_bf16())
+    fp32 = dtype == torch.float32 and device_type == "cpu"
+    return fp32 or (bf16_without_amx(dtype, device_type) and hardware.cpu_detects_bf16())
 
 
 def bf16_without_amx(dtype: torch.dtype, device_type: str) -> bool:
@@ -145,9 +144,9 @@ class CausalAttention(torch.autograd.Function):
 
 
 def query_blocks(length: int, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """(start, end) of each block of queries, QUERY_BLOCK[dtype] long (128 for dtypes it does not list) but for
-    the last."""
-    size = QUERY_BLOCK.get(dtype, 128)
+    """(start, end) of each block of queries, QUERY_BLOCK[dtype] long (bf16's for dtypes it does not list) but
+    for the last."""
+    size = QUERY_BLOCK.get(dtype, QUERY_BLOCK[torch.bfloat16])
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
