@@ -27,13 +27,42 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    # The only grant: a config file or a copied run dir's run.json is data, and data never runs code on its own.
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model run its own Python code (auto_map in its config); a config or run.json never grants it",
+    )
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends with "(default: X)" where a flag has a default worth saying: not None, False or [] (nothing
+    happens unless given), and not where its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        silent = action.default in (None, False, [], argparse.SUPPRESS) or "default" in text
+        return text if silent else f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """philora's parsers: every (sub)command's help shows its defaults (subparsers are made of this class too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="philora", description="LoRA/QLoRA fine-tuning for Phi-3 and causal LMs.")
+    p = Parser(prog="philora", description="LoRA/QLoRA fine-tuning for Phi-3 and causal LMs.")
     p.add_argument("--version", action="version", version=f"philora {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # not required: bare `philora` prints this help (main), rather than an error about a missing COMMAND
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="fine-tune with LoRA (no --config: the embedded demo on CPU)")
     _config_args(train)
+    _trust_arg(train)
     train.add_argument("--output", metavar="DIR", help="output directory (training_config.output_dir)")
     train.add_argument(
         "--resume",
@@ -49,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
         "memory estimate (exit 2 on a problem)",
     )
     _config_args(preflight)
+    _trust_arg(preflight)
     preflight.add_argument("--time", action="store_true", help="also time a few real steps and estimate the run's ETA")
     preflight.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -65,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE", help="file, folder, saved datasets dir or hub id (owner/name:split)")
     _config_args(check)
     check.add_argument("--model", metavar="M", help="tokenizer of this model (model.name_or_path)")
+    _trust_arg(check)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     _after_training_commands(sub)
     return p
@@ -83,6 +114,7 @@ def _adapter_and_model(p: argparse.ArgumentParser, *, many: bool = False) -> Non
     else:
         p.add_argument("--adapter", metavar="DIR", help="a run's adapter/ dir (or the run dir)")
     p.add_argument("--model", metavar="M", help="base model dir or hub id (default: the adapter's own base)")
+    _trust_arg(p)
     p.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
@@ -124,7 +156,11 @@ def _after_training_commands(sub: Any) -> None:
     export.add_argument("--adapter", metavar="DIR", help="gguf-lora: the adapter (or its run dir)")
     export.add_argument("--base", metavar="FILE", help="gguf-lora: check it on this base GGUF (default: an f16 one)")
     export.add_argument("--output", metavar="PATH", required=True, help="the .gguf file (gguf) or a directory (ollama)")
-    export.add_argument("--type", default="f16", choices=GGUF_TYPES, help="gguf/ollama: tensor type (default f16)")
+    # any case: llama.cpp's own names are upper case (Q4_K_M); choices are checked after the lowering
+    export.add_argument(
+        "--type", default="f16", type=str.lower, choices=GGUF_TYPES, help="gguf/ollama: tensor type, in any case"
+    )
+    _trust_arg(export)
 
     chat = sub.add_parser("chat", help="chat in the terminal with streamed answers (/reset, /exit)")
     _adapter_and_model(chat)
@@ -134,13 +170,32 @@ def _after_training_commands(sub: Any) -> None:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base model and adapters")
     _adapter_and_model(serve, many=True)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (or $PHILORA_API_KEY)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 takes this machine's clients only")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    serve.add_argument(
+        "--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (better: $PHILORA_API_KEY, not in `ps`)"
+    )
     serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 503")
     serve.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="cap on max_tokens")
     serve.add_argument(
         "--max-body-mb", type=float, default=4, metavar="MB", help="largest request body; larger ones get 413"
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help="positions (rows x prompt + answer) generated together; the queue holds 4 batches' worth "
+        "(default: 16384 or the model's context, if longer)",
+    )
+    serve.add_argument(
+        "--read-timeout", type=float, default=30, metavar="S", help="seconds for a request to arrive; then 408"
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30,
+        metavar="S",
+        help="seconds the requests in progress get after SIGTERM; then they are cancelled",
     )
 
     push = sub.add_parser("push", help="upload an adapter or merged model with its model card to the Hugging Face Hub")
@@ -175,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"training_config.output_dir={args.output}")
     if getattr(args, "model", None):
         overrides.append(f"model.name_or_path={args.model}")
-    config = load_config(args.config, overrides)
+    # `philora config` loads no model: it shows the file's trust_remote_code as it is (None: neither grant nor refuse)
+    config = load_config(args.config, overrides, getattr(args, "trust_remote_code", None))
     if args.command == "config":
         print(dump_documented(config), end="")
         return 0
@@ -188,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         from philora.data.check import check
         from philora.model.load import load_tokenizer
 
-        return check(config, args.file, load_tokenizer(config.model), as_json=args.json)
+        # reading data pads nothing: no notice about the pad token before the report
+        return check(config, args.file, load_tokenizer(config.model, say_pad=False), as_json=args.json)
     from philora.train.run import train
 
     train(config, resume=args.resume)
@@ -196,7 +253,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    commands = parser()
+    args = commands.parse_args(argv)
+    if args.command is None:
+        commands.print_help()
+        return 0
     # peft calls a transformers method that v5 renamed; the warning is theirs, not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:

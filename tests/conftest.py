@@ -67,6 +67,18 @@ def tiny_phi3(embedded_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter of tiny_phi3 from elsewhere (peft's format, no run.json): r=2 on qkv_proj, B still zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["qkv_proj"])).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The first 24 training and 6 eval conversations of the sample dataset."""
     path = tmp_path_factory.mktemp("tiny-data")

@@ -187,6 +187,13 @@ def test_lines_between_triple_quotes_are_one_turn_and_other_lines_one_each() -> 
     assert out.getvalue().count("... ") == 7  # the continuation prompt inside blocks
 
 
+@pytest.mark.parametrize("word", ["exit", "quit", "  Quit ", "EXIT", "/exit", "/quit"])
+def test_exit_or_quit_alone_on_a_line_leaves_the_chat(word: str) -> None:
+    session = Recorder()
+    assert repl(session, io.StringIO(f"exit now\n{word}\nnever read\n"), io.StringIO()) == 0  # type: ignore[arg-type]
+    assert session.asked == ["exit now"]  # said within a sentence, it is a message
+
+
 def test_lines_pasted_into_a_terminal_together_are_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pseudo-terminal: lines written in one go (a paste) are one message; a line typed alone is its own."""
     import pty

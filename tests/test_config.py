@@ -179,3 +179,13 @@ def test_documented_dump_has_a_comment_for_every_field() -> None:
     fields = [line for line in text.splitlines() if line.startswith("  ")]
     assert len(fields) == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values())
     assert all("  # " in line for line in fields)
+
+
+def test_max_row_bytes_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_yaml(tmp_path / "bad.yaml", "data:\n  max_length: 512\n  max_row_bytes: 0\n")
+    assert cli.main(["config", "--config", str(bad)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"philora: error: {bad}:3: data.max_row_bytes: 0 is not allowed; use a positive number of bytes, or null for "
+        "1 MiB or 256 × max_length, the larger"
+    )

@@ -238,6 +238,18 @@ def test_bad_merge_requests_are_refused_before_any_work(
     assert message in err and "Traceback" not in err
 
 
+def test_the_merged_model_is_written_with_the_users_umask(tiny_phi3: Path, tmp_path: Path) -> None:
+    """The merged weights get the mode every other file gets (0o666 less the umask), not safetensors' 0600."""
+    import os
+
+    adapter = random_adapter(tiny_phi3, tmp_path / "adapter")
+    assert run_merge("--adapter", str(adapter), "--output", str(tmp_path / "out")) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and modes == dict.fromkeys(modes, 0o666 & ~mask)
+
+
 def test_parse_size() -> None:
     assert merge.parse_size("2GB") == 2 * 10**9 and merge.parse_size("1.5GiB") == int(1.5 * 2**30)
     assert merge.parse_size("1000") == 1000

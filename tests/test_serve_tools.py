@@ -23,7 +23,7 @@ from conftest import ScriptedModel
 
 from philora.infer.app import Api
 from philora.infer.openai_api import ApiError, ChatCompletionRequest, chat_request
-from philora.infer.serve import bind, run, serving_encoder
+from philora.infer.serve import Limits, Shutdown, bind, run, serving_encoder
 from philora.infer.tool_calls import tool_use
 from philora.infer.worker import Worker
 
@@ -66,9 +66,9 @@ def scripted_server(tokenizer: Any) -> Iterator[Scripted]:
     encoder = serving_encoder(tokenizer)
     model = ScriptedModel(encoder)
     api = Api("scripted", [], Worker(model, encoder, max_queue=4), KEY, max_new_tokens=128)
-    sock, stop = bind("127.0.0.1", 0), threading.Event()
+    sock, shutdown = bind("127.0.0.1", 0), Shutdown()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    thread = threading.Thread(target=run, args=(api, sock, MAX_BODY, stop))
+    thread = threading.Thread(target=run, args=(api, sock, Limits(max_body=MAX_BODY), shutdown))
     thread.start()
     try:
         with urllib.request.urlopen(url + "/health", timeout=30) as r:
@@ -76,7 +76,7 @@ def scripted_server(tokenizer: Any) -> Iterator[Scripted]:
         yield Scripted(model, url + "/v1")
         assert not model.answers, "a scripted answer was left unused"
     finally:
-        stop.set()
+        shutdown.stop.set()
         thread.join(timeout=60)
 
 
@@ -257,10 +257,10 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(chatml: Scripted, monkey
 
 
 def test_the_api_is_described_at_docs(chatml: Scripted) -> None:
-    root = chatml.url.removesuffix("/v1")
-    with urllib.request.urlopen(root + "/docs", timeout=30) as r:
+    root, key = chatml.url.removesuffix("/v1"), {"Authorization": f"Bearer {KEY}"}
+    with urllib.request.urlopen(urllib.request.Request(root + "/docs", headers=key), timeout=30) as r:
         assert r.status == 200 and b"swagger" in r.read().lower()
-    with urllib.request.urlopen(root + "/openapi.json", timeout=30) as r:
+    with urllib.request.urlopen(urllib.request.Request(root + "/openapi.json", headers=key), timeout=30) as r:
         spec = json.loads(r.read())
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= set(spec["paths"])
     assert {"tools", "tool_choice", "messages"} <= set(

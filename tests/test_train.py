@@ -28,7 +28,9 @@ def test_tiny_train_writes_a_complete_run(tmp_path: Path, tiny_phi3: Path, tiny_
         "loss.png",
         "eval.json",
         "checkpoints/step-3/state.json",
-        "checkpoints/step-3/trainer.pt",
+        "checkpoints/step-3/trainer.json",
+        "checkpoints/step-3/trainer.safetensors",
+        "checkpoints/step-3/complete.json",
     ):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

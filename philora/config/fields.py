@@ -40,7 +40,9 @@ class ModelSection:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = doc(
         "sdpa", "attention kernel; flash_attention_2 needs a CUDA GPU and the flash-attn package"
     )
-    trust_remote_code: bool = doc(False, "run modelling code shipped with a hub model (off unless you trust it)")
+    trust_remote_code: bool = doc(
+        False, "run the model's own Python code (auto_map): set by --trust-remote-code; true in a file is refused"
+    )
     quantization: Literal["4bit", "8bit"] | None = doc(
         None, "load the base quantised with bitsandbytes for QLoRA: 4bit = NF4, double quant, bf16 compute"
     )
@@ -99,6 +101,15 @@ class DataSection:
     )
     on_bad_row: Literal["error", "skip"] = doc(
         "error", "a malformed row stops the run (error) or is counted and skipped"
+    )
+    max_row_bytes: int | None = doc(
+        None,
+        "a row larger than this many bytes (its line in .jsonl or .csv, its text in a .json array, its strings in "
+        "parquet or a dataset) is a bad row, rejected by its size before it is parsed or tokenised: one huge row "
+        "costs minutes and gigabytes only to be cut to max_length; null = 1 MiB or 256 × max_length, the larger "
+        "(room for overlong: split to make many samples of a long conversation)",
+        check=lambda v: v is None or v >= 1,
+        fix="use a positive number of bytes, or null for 1 MiB or 256 × max_length, the larger",
     )
     max_eval_samples: int | None = doc(
         None,

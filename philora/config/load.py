@@ -28,8 +28,12 @@ def resolve_config_path(name: str) -> Path:
     raise UserError(f"--config {name}: no such file; give a YAML path or a preset name ({presets})")
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (none = the demo preset), apply `--set` overrides, validate; all problems at once."""
+def load_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), trust_remote_code: bool | None = None
+) -> Config:
+    """Read a YAML config (none = the demo preset), apply `--set` overrides, validate; all problems at once.
+    `trust_remote_code`: whether a command that loads the model got --trust-remote-code (None: one that loads none,
+    which takes model.trust_remote_code as written)."""
     source = resolve_config_path(path or "demo")
     raw, lines = _read_yaml(source)
     problems: list[str] = []
@@ -41,10 +45,26 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         return f"{source}:{lines[key]}" if key in lines else str(source)
 
     config = _build(raw, problems, place)
+    if trust_remote_code is not None:
+        problems += _grant_remote_code(config, trust_remote_code, place)
     problems += check_values(config, place)
     if problems:
         raise UserError(*problems)
     return config
+
+
+def _grant_remote_code(config: Config, flag: bool, place: Any) -> list[str]:
+    """--trust-remote-code is the one grant to run a model's own code, and it sets model.trust_remote_code (what
+    run.json records). A config saying true without it is refused: a file passed around would otherwise run code
+    nobody asked for on the command line. --set is refused too, so that there is one way to say it."""
+    if flag:
+        config.model.trust_remote_code = True
+        return []
+    if config.model.trust_remote_code is not True:
+        return []
+    where = place("model.trust_remote_code")
+    given = "--set model.trust_remote_code=true" if where == "--set" else f"model.trust_remote_code: true in {where}"
+    return [f"{given} runs the model's own code; pass --trust-remote-code to allow it"]
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

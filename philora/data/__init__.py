@@ -22,7 +22,7 @@ from philora.data.formats import (
     to_conversation,
 )
 from philora.data.render import ChatEncoder, Sample
-from philora.data.sources import read_source
+from philora.data.sources import ROW_BYTES_FLOOR, ROW_BYTES_PER_TOKEN, read_source
 from philora.errors import UserError, first_problems
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
@@ -112,7 +112,8 @@ def sample(spec: str) -> str:
 
 def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) -> SourceData:
     """Read, convert and encode one source, reusing the cached encoding of identical inputs."""
-    source = read_source(sample(spec), purpose)
+    limit = row_limit(dc)
+    source = read_source(sample(spec), purpose, limit)
     columns = Columns(dc.columns)
     formats = []  # per file: a folder may mix formats
     rows: list[Conversation | str] = []  # a conversation, or the problem that rejected the row
@@ -130,7 +131,8 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
         encoder.use_tools()  # before the cache key: a template given tools support is another template
     digest = source.digest.hexdigest()
     settings = (dc.train_on, dc.max_length, dc.overlong, dc.train_on_reasoning)
-    entry = cache.key(digest, formats, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings)
+    # the row limit decides which rows reach the encoder
+    entry = cache.key(digest, formats, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings, limit)
     outcomes = cache.load(entry) if dc.cache else None
     from_cache = outcomes is not None and len(outcomes) == len(conversations)
     if not from_cache:
@@ -152,6 +154,14 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
     untrained = sum(o.fit == "untrained" for o in outcomes)
     described = "+".join(dict.fromkeys(formats))
     return SourceData(spec, described, len(rows), records, problems, digest, from_cache, untrained)
+
+
+def row_limit(dc: DataSection) -> int:
+    """The most bytes a row may take before it is rejected unread: data.max_row_bytes, or by default 1 MiB or a
+    multiple of max_length, the larger."""
+    if dc.max_row_bytes is not None:
+        return dc.max_row_bytes
+    return max(ROW_BYTES_FLOOR, ROW_BYTES_PER_TOKEN * dc.max_length)
 
 
 def prepare(dc: DataSection, tokenizer: Any, seed: int, method: str = "sft") -> PreparedData:

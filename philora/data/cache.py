@@ -1,8 +1,8 @@
 """Encoded data on disk, keyed by everything that decides it, so the same data is tokenized once.
 
 The key hashes the source's bytes (or a datasets fingerprint), the format and column mapping, the tokenizer
-(vocabulary, merges, special tokens and chat template), train_on, max_length and the overlong policy, and
-philora's encoding version. An entry is one `.npz` file of flat arrays (no pickle), written to a temporary
+(vocabulary, merges, special tokens and chat template), train_on, max_length, the overlong policy and the row size
+limit, and philora's encoding version. An entry is one `.npz` file of flat arrays (no pickle), written to a temporary
 name and renamed, so a run stopped mid-write leaves no half entry. Entries live under
 `$PHILORA_CACHE_DIR/data` (default ~/.cache/philora/data); deleting them is always safe.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from philora.data import Split, load_source, prepare, source_specs
 from philora.data.render import ChatEncoder
 from philora.errors import UserError, first_problems
 from philora.eval import report, runner, table
-from philora.infer.adapters import Adapter, autocast, known_fields, load, read_adapter, read_run_config
+from philora.infer.adapters import (
+    Adapter,
+    autocast,
+    base_named,
+    known_fields,
+    load,
+    read_adapter,
+    read_run_config,
+)
 from philora.model.preference import PairBatches, PreferenceLoss
 from philora.rundir import RunDir
 
@@ -39,11 +48,16 @@ def main(args: argparse.Namespace) -> int:
         "--max-new-tokens", args.max_new_tokens, tc.get("generation_max_length", DEFAULT_MAX_NEW_TOKENS)
     )
     limit = _positive("--limit", args.limit, None)
+    out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
+    report.check_output(out)  # before the model loads: a refusal costs seconds, not an evaluation
 
     from philora.model.load import load_tokenizer
 
     # The data before the model: a bad file fails in seconds, not after loading gigabytes of weights.
-    tokenizer = load_tokenizer(ModelSection(name_or_path=args.model) if args.model else adapter.model)
+    base = ModelSection(name_or_path=args.model) if args.model else adapter.model
+    with base_named([adapter], args.model):
+        # the pad notice comes with the model (load), after the data's checks
+        tokenizer = load_tokenizer(replace(base, trust_remote_code=args.trust_remote_code), say_pad=False)
     encoder = ChatEncoder(tokenizer)
     split, spec = eval_split(dc, args.data, run, encoder, adapter)
     if limit is not None:
@@ -61,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     # a dpo run that started from model.adapter measures its rewards against that adapter: load it beside
     start = (run or {}).get("model", {}).get("adapter") if tc.get("method") == "dpo" and split.pairs else None
     loaded = [adapter] + ([read_adapter(start, "start")] if start else [])
-    model, _ = load(loaded, args.model, args.dtype)
+    model, _ = load(loaded, args.model, args.dtype, args.trust_remote_code)
     with autocast(adapter if args.dtype is None else None):  # the run's own arithmetic, for the run's numbers
         evaluation = runner.evaluate_model(
             model,
@@ -78,7 +92,6 @@ def main(args: argparse.Namespace) -> int:
             evaluation["preference"] = preference(model, pairs, tc, batch_size, start)
             measured = evaluation["preference"]
             print(f"philora: {table.format_preference(measured, measured['method'])}", file=sys.stderr)
-    out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
     report.write_results(out, evaluation, adapter.path.parent if run else None)
     print(table.format_comparison(evaluation), file=sys.stderr)
     print(f"philora: wrote eval.json, eval.md and report.html to {out}", file=sys.stderr)

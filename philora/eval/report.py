@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from philora.errors import UserError
 from philora.eval.table import RUNS, format_delta, format_value, metric_rows, present_runs
 from philora.rundir import EVAL_FILES, RunDir, plot_losses, read_records
 
@@ -289,9 +290,34 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output dir where eval.json, eval.md or report.html is a file philora did not write: it would be
+    overwritten. An earlier evaluation's files are replaced."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file; choose another --output, a new or empty directory")
+    if foreign := [name for name in EVAL_FILES if (out / name).exists() and not written_here(out / name)]:
+        raise UserError(
+            f"--output {out}: its {', '.join(foreign)} was not written by philora and would be overwritten; choose "
+            "another --output, a new or empty directory"
+        )
+
+
+def written_here(path: Path) -> bool:
+    """Whether an eval file is one philora wrote (an earlier evaluation), told by what it holds."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        value = json.loads(text) if path.name == EVAL_FILES[0] else None
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    if path.name == EVAL_FILES[0]:
+        return isinstance(value, dict) and "settings" in value and "samples" in value
+    return text.startswith("# philora eval\n") if path.suffix == ".md" else "<title>philora eval: " in text
+
+
 def write_results(out: Path, evaluation: dict[str, Any], run_dir: Path | None) -> list[Path]:
     """eval.json, eval.md and report.html in `out`; the report shows the run in `run_dir` (its run.json and the
     loss curve from its metrics.jsonl) when there is one."""
+    check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     run, records = read_run(run_dir)
     texts = (

@@ -85,9 +85,12 @@ class Record:
 
 
 def write_card(path: Path) -> Path:
-    """README.md in an adapter dir or a merged model dir, in place of whatever is there."""
+    """README.md in an adapter dir or a merged model dir, in place of whatever is there, in one rename: a kill
+    leaves the old card or the new one, never a part."""
     target = path / CARD
-    target.write_text(model_card(path), encoding="utf-8")
+    tmp = target.with_name(CARD + ".tmp")  # a run dir's manifest lists adapter/README.md.tmp
+    tmp.write_text(model_card(path), encoding="utf-8")
+    tmp.replace(target)
     return target
 
 

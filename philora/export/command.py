@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from philora.errors import UserError
+from philora.model.load import named_by
 
 OLLAMA_GGUF = "model.gguf"
 
@@ -45,9 +46,10 @@ def main(args: argparse.Namespace) -> int:
     gguf_path, sidecar = output_paths(args.format, Path(args.output).expanduser())
     started, folder_existed = time.time(), gguf_path.parent.exists()
     try:
-        record = export(source, gguf_path, args.type, ollama=args.format == "ollama")
+        with named_by("--model"):
+            record = export(source, gguf_path, args.type, ollama=args.format == "ollama", trust=args.trust_remote_code)
     except BaseException:
-        remove_partial(gguf_path, args.format == "ollama" and not folder_existed)
+        remove_partial(gguf_path, args.format == "ollama", args.format == "ollama" and not folder_existed)
         raise
     status = conclude(record, f"GGUF {args.type}", gguf_path, sidecar, started)
     if status == 0 and args.format == "ollama":
@@ -100,26 +102,33 @@ def output_paths(fmt: str, output: Path) -> tuple[Path, Path]:
         raise UserError(f"--output {output}: exists; give a new file name or remove it")
     if not output.parent.is_dir():
         raise UserError(f"--output {output}: the directory {output.parent} does not exist")
-    return output, output.with_suffix(".export.json")
+    sidecar = output.with_suffix(".export.json")
+    for beside in (sidecar, f16_scratch(output)):  # written beside the file: never over one that is not ours
+        if beside.exists():
+            raise UserError(f"--output {output}: {beside.name} beside it exists and would be overwritten; give "
+                            "another file name, or move that file")  # fmt: skip
+    return output, sidecar
 
 
-def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool) -> dict[str, Any]:
-    """Write the GGUF (and Modelfile), verify it in llama.cpp, and return the export.json record."""
+def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool, trust: bool = False) -> dict[str, Any]:
+    """Write the GGUF (and Modelfile), verify it in llama.cpp, and return the export.json record. A merged model
+    of a base with its own code carries that code: it runs only with `trust` (--trust-remote-code)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from philora.config import ModelSection
     from philora.data.render import ChatEncoder
     from philora.export import layouts, verify
     from philora.export.vocab import build_vocab, gguf_name
-    from philora.model.load import load_tokenizer
+    from philora.model.load import from_pretrained, load_tokenizer
 
-    config = AutoConfig.from_pretrained(path)
+    section = ModelSection(name_or_path=str(path), trust_remote_code=trust)
+    config = from_pretrained(AutoConfig, str(path), section, "config")
     layout = layouts.layout_of(config, f"--model {path}")
-    tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
+    tokenizer = load_tokenizer(section)
     encoder = ChatEncoder(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, encoder.end_of_turn_id)
     shape = ollama_shape(encoder) if ollama else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = from_pretrained(AutoModelForCausalLM, str(path), section, "model", dtype=torch.float32).eval()
     ref = verify.reference(model, config, tokenizer, encoder)
     name = gguf_name(path.resolve().name, vocab.rstrip_specials)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +166,7 @@ def write(gguf_path: Path, name: str, config: Any, state: dict[str, torch.Tensor
     if qtype in WRITTEN_HERE:
         write_gguf(gguf_path, name, config, state, vocab, qtype)
         return "gguf-py (philora)"
-    f16 = gguf_path.with_name(gguf_path.stem + ".f16-tmp.gguf")
+    f16 = f16_scratch(gguf_path)
     try:
         write_gguf(f16, name, config, state, vocab, "f16")
         fallbacks = llamacpp.quantize(f16, gguf_path, qtype)
@@ -174,9 +183,15 @@ def ollama_shape(encoder: Any) -> Any:
     return chat_shape(encoder.render, end_of_turn)
 
 
-def remove_partial(gguf_path: Path, remove_folder: bool) -> None:
+def f16_scratch(gguf_path: Path) -> Path:
+    """The f16 GGUF llama.cpp quantizes from, written beside the output and removed after."""
+    return gguf_path.with_name(gguf_path.stem + ".f16-tmp.gguf")
+
+
+def remove_partial(gguf_path: Path, ollama: bool, remove_folder: bool) -> None:
     """Remove what a failed export wrote (the output was new or an empty dir, so all of it is ours)."""
     gguf_path.unlink(missing_ok=True)
-    (gguf_path.parent / "Modelfile").unlink(missing_ok=True) if gguf_path.name == OLLAMA_GGUF else None
+    if ollama:  # only in ollama's own dir: a gguf beside a person's Modelfile leaves it alone
+        (gguf_path.parent / "Modelfile").unlink(missing_ok=True)
     if remove_folder and gguf_path.parent.is_dir() and not any(gguf_path.parent.iterdir()):
         gguf_path.parent.rmdir()

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     base_gguf = check_base(Path(args.base).expanduser()) if args.base else None
     started = time.time()
     try:
-        record = export_lora(adapter, args.model, path, base_gguf)
+        record = export_lora(adapter, args.model, path, base_gguf, args.trust_remote_code)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -59,7 +59,9 @@ def check_base(path: Path) -> Path:
     return path
 
 
-def export_lora(adapter: Any, model_name: str | None, path: Path, base_gguf: Path | None) -> dict[str, Any]:
+def export_lora(
+    adapter: Any, model_name: str | None, path: Path, base_gguf: Path | None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Write the LoRA GGUF, verify it on a base GGUF in llama.cpp, and return the export.json record."""
     from philora.data.render import ChatEncoder
     from philora.export import verify
@@ -67,7 +69,7 @@ def export_lora(adapter: Any, model_name: str | None, path: Path, base_gguf: Pat
     from philora.export.vocab import build_vocab, gguf_name
     from philora.infer.adapters import load
 
-    model, tokenizer = load([adapter], model_name, "float32")
+    model, tokenizer = load([adapter], model_name, "float32", trust_remote_code)
     config = model.config
     layout = layouts.layout_of(config, f"--adapter {adapter.path}: its base")
     encoder = ChatEncoder(tokenizer)

@@ -32,8 +32,9 @@ import torch
 from philora.errors import UserError
 from philora.export.card import write_card
 from philora.hardware import DTYPES
-from philora.infer.adapters import Adapter, base_section, read_adapter
-from philora.model.load import without_bitsandbytes
+from philora.infer.adapters import Adapter, base_named, base_section, read_adapter
+from philora.model.load import from_pretrained, without_bitsandbytes
+from philora.paths import umask_modes
 
 # Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -74,9 +75,10 @@ def main(args: argparse.Namespace) -> int:
     output = check_output_dir(Path(args.output).expanduser())
     max_shard_size = parse_size(args.max_shard_size)
     # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
-    section = replace(base_section([adapter], args.model, "float32"), attn_implementation="sdpa")
+    base = base_section([adapter], args.model, "float32", args.trust_remote_code)
+    section = replace(base, attn_implementation="sdpa")
     started = time.time()
-    with without_bitsandbytes():  # the base is never quantised here
+    with without_bitsandbytes(), base_named([adapter], args.model):  # the base is never quantised here
         report = merge(adapter, section, output, args.dtype or adapter.dtype or "auto", max_shard_size)
     report["seconds"] = round(time.time() - started, 1)
     (output / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -126,7 +128,10 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     check_finite(merged, adapter.path, target)  # after the cast: fp16 overflows to inf past 65504
     save_merged(merged, tokenizer, encoder.stop_ids, output, max_shard_size)
     del merged
-    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).to(reference[0].device).eval()
+    # a base with its own code saves it beside the weights (save_pretrained copies it): run only when trusted
+    trust = section.trust_remote_code
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, trust_remote_code=trust)
+    reloaded = reloaded.to(reference[0].device).eval()
     parity = compare(reference, logits_of(reloaded, prompts), TOLERANCE[target])
     return {
         "adapter": str(adapter.path.resolve()),  # absolute: the model card finds the adapter's run from anywhere
@@ -181,7 +186,7 @@ def saved_dtype(requested: str, source: str, section: Any) -> str:
         return requested
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    config = from_pretrained(AutoConfig, source, section, "config")
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(stored).removeprefix("torch.") if stored is not None else "float32"
     return name if name in DTYPES else "float32"
@@ -261,3 +266,4 @@ def save_merged(model: Any, tokenizer: Any, stop_ids: list[int], output: Path, m
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(output)
+    umask_modes(output)

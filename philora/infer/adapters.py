@@ -9,6 +9,10 @@ from a de-quantised 4-bit copy would differ from the original weights.
 The weights load in the dtype the run trained in (run.json records it, resolved: `auto` became bf16 or fp32 on
 the machine that trained), so an eval or a chat on any machine computes what the run computed; `--dtype`
 overrides it, and adapters from elsewhere get `auto`.
+
+A model's own Python code (its config's auto_map) runs only with `--trust-remote-code` on the command that loads
+it. run.json records whether the run trusted its base's code, but a run dir is a file that travels: its record
+never grants that trust, it only explains a refusal.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import typing
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ class Adapter:
     model: ModelSection  # the base it was trained on
     dtype: str | None = None  # the weights dtype its run trained in; None for adapters from elsewhere
     autocast: str = "no"  # the run's mixed precision: bf16 / fp16 autocast over those weights, or no
+    trusted_code: bool = False  # its run trusted the base's own code (run.json); said in a refusal, never granted
 
 
 def read_adapter(path: str | Path, name: str = "default") -> Adapter:
@@ -48,8 +54,9 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
     run_file = RunDir(path.parent).record
     if run_file.is_file():
         run = json.loads(run_file.read_text())
-        model = known_fields(ModelSection, run["config"]["model"])
-        return Adapter(name, path, model, run.get("model_dtype"), run.get("mixed_precision", "no"))
+        model = recorded_model(run["config"]["model"], run_file)
+        trusted = run["config"]["model"].get("trust_remote_code") is True
+        return Adapter(name, path, model, run.get("model_dtype"), run.get("mixed_precision", "no"), trusted)
     from philora.model.embedded import is_embedded
 
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
@@ -57,6 +64,23 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
         raise UserError(f"--adapter {path}: adapter_config.json names no base model; pass --model")
     # An adapter of the embedded model names its converted cache dir, which on this machine may be elsewhere.
     return Adapter(name, path, ModelSection(name_or_path=None if is_embedded(base) else base))
+
+
+def recorded_model(values: dict[str, Any], run_file: Path) -> ModelSection:
+    """The model section a run.json records, checked as a config's would be (an attn_implementation naming a hub
+    kernel would download and run it), without its trust_remote_code: only --trust-remote-code grants that."""
+    from philora.config.checks import check_type
+
+    model = known_fields(ModelSection, values)
+    hints = typing.get_type_hints(ModelSection)
+    problems = [
+        f"{run_file}: model.{f.name}: {problem}"
+        for f in dataclasses.fields(model)
+        if (problem := check_type(getattr(model, f.name), hints[f.name]))
+    ]
+    if problems:
+        raise UserError(*problems)
+    return dataclasses.replace(model, trust_remote_code=False)
 
 
 def read_run_config(adapter: Adapter) -> dict[str, Any] | None:
@@ -95,12 +119,14 @@ def autocast(adapter: Adapter | None) -> AbstractContextManager[Any]:
     return torch.autocast(hardware.device().type, dtype=dtype)
 
 
-def base_section(adapters: list[Adapter], model: str | None, dtype: str | None = None) -> ModelSection:
+def base_section(
+    adapters: list[Adapter], model: str | None, dtype: str | None = None, trust_remote_code: bool = False
+) -> ModelSection:
     """The unquantised base to load: --model if given, else the one every adapter was trained on; in --dtype,
-    else in the dtype the runs trained in."""
+    else in the dtype the runs trained in; running its own code only with --trust-remote-code."""
     dtype = weights_dtype(adapters, dtype)
     if model is not None:
-        return ModelSection(name_or_path=model, dtype=dtype)
+        return ModelSection(name_or_path=model, dtype=dtype, trust_remote_code=trust_remote_code)
     bases = {a.model.name_or_path for a in adapters}
     if len(bases) > 1:
         names = ", ".join(f"{a.name}: {a.model.name_or_path or 'the embedded model'}" for a in adapters)
@@ -112,17 +138,36 @@ def base_section(adapters: list[Adapter], model: str | None, dtype: str | None =
             "unquantised",
             file=sys.stderr,
         )
-    return dataclasses.replace(first, quantization=None, dtype=dtype)
+    return dataclasses.replace(first, quantization=None, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def load(adapters: list[Adapter], model: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+def base_named(adapters: list[Adapter], model: str | None) -> AbstractContextManager[None]:
+    """Loads inside name a base that cannot be loaded (missing, not a model, needing its own code) by where it came
+    from: --model, or the adapter whose run named it; a refusal of its code says when that run trusted the code (so
+    the user knows why a copied run dir stops at this)."""
+    from philora.model.load import named_by
+
+    if model is not None or not adapters:
+        return named_by("--model")
+    trusted = next((a for a in adapters if a.trusted_code), None)
+    if trusted is None:
+        return named_by(f"--adapter {adapters[0].path}: its base")
+    return named_by(
+        f"--adapter {trusted.path}: its base",
+        f"the run that made {trusted.path.parent} trusted its base's code; pass --trust-remote-code if you do too",
+    )
+
+
+def load(
+    adapters: list[Adapter], model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """(model, tokenizer) ready for generation: the base with every adapter loaded by name, the first active.
     With no adapters the plain base model is returned."""
     from philora.model.load import load_model, load_tokenizer, without_bitsandbytes
 
-    section = base_section(adapters, model, dtype)
-    tokenizer = load_tokenizer(section)
-    with without_bitsandbytes():  # the base is never quantised here
+    section = base_section(adapters, model, dtype, trust_remote_code)
+    with base_named(adapters, model), without_bitsandbytes():  # the base is never quantised here
+        tokenizer = load_tokenizer(section)
         base = load_model(section, training=False)
         if not adapters:
             base.eval()

@@ -1,9 +1,11 @@
 """The HTTP side of `philora serve`: a FastAPI app in front of the worker.
 
 A request is validated by the pydantic models of openai_api.py (any error is OpenAI's 400 body, never FastAPI's
-422), its prompt is tokenized off the event loop, and its job is queued for the worker; the handler then awaits
-the job's events and answers with JSON or streams server-sent events. A body over the size limit is refused with
-413 before it is read whole (BodyLimit). Tool calls are read out of answers by tool_calls.py.
+422), its prompt is tokenized off the event loop (in at most TOKENIZE_THREADS threads, with at most --max-queue
+requests waiting for one: Gate), and its job is queued for the worker; the handler then awaits the job's events and
+answers with JSON or streams server-sent events. A body over the size limit is refused with 413 before it is read
+whole (BodyLimit). Tool calls are read out of answers by tool_calls.py. With a key, the API's description
+(/docs, /redoc, /openapi.json) needs it too.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -49,6 +52,10 @@ from philora.infer.worker import SHUTTING_DOWN, Job, Worker
 
 DESCRIPTION = "OpenAI's chat completions, with tool calling, for a base model and its LoRA adapters."
 POLL = 0.5  # seconds between checks that a waiting request's client is still there
+# Prompts tokenized at once. Each holds its text's tokens (bounded by the context: generation._measured_ids), and
+# the tokenizer is fast: two keep the worker fed without letting many large bodies be tokenized together.
+TOKENIZE_THREADS = 2
+T = TypeVar("T")
 Bearer = Annotated[
     HTTPAuthorizationCredentials | None,
     Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")),
@@ -63,6 +70,7 @@ class Api:
         self.models: dict[str, str | None] = {base: None, **{a: a for a in adapters}}
         self.base, self.worker, self.key, self.max_new_tokens = base, worker, key, max_new_tokens
         self.context = getattr(worker.model.config, "max_position_embeddings", None)
+        self.gate = Gate(TOKENIZE_THREADS, worker.max_queue)
         self.closing = False
 
     def resolve(self, name: str) -> str:
@@ -84,9 +92,36 @@ class Api:
         return ModelCard(id=name, parent=self.base if self.models[name] else None)
 
 
+def busy(what: str) -> ApiError:
+    message = f"the server is busy: {what}; retry later"
+    return ApiError(503, message, "server_error", code="overloaded", headers={"Retry-After": "1"})
+
+
+class Gate:
+    """Runs a request's preparation (its prompt tokenized) in a thread, at most `threads` at once, with at most
+    `waiting` more requests waiting for a turn; one more is refused 503 at once. Starlette's shared pool would run
+    40 at once."""
+
+    def __init__(self, threads: int, waiting: int) -> None:
+        self.turns = asyncio.Semaphore(threads)  # bound to the server's loop when first awaited
+        self.room = threads + waiting
+        self.inside = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.inside >= self.room:
+            raise busy("too many requests are waiting to be tokenized")
+        self.inside += 1
+        try:
+            async with self.turns:
+                return await run_in_threadpool(fn, *args)
+        finally:
+            self.inside -= 1
+
+
 def build_app(api: Api, max_body: int) -> FastAPI:
     """The app for `api`: the routes, OpenAI's error bodies for every error, the body size limit."""
-    app = FastAPI(title="philora serve", version=__version__, description=DESCRIPTION)
+    # The description is served by routes of its own (openapi, docs, redoc), behind the key when there is one.
+    app = FastAPI(title="philora serve", version=__version__, description=DESCRIPTION, openapi_url=None)
     app.state.api = api
     app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
@@ -171,6 +206,21 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "shutting down" if closing else "ok"}, 503 if closing else 200)
 
 
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, api: Authorized) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(api: Authorized) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="philora serve")
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc(api: Authorized) -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title="philora serve")
+
+
 @router.get("/v1/models")
 async def models(api: Authorized) -> ModelList:
     return ModelList(data=[api.model_card(m) for m in api.models])
@@ -190,10 +240,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, api: A
     """A chat completion, as JSON or (`stream: true`) as server-sent events of ChatCompletionChunk."""
     if api.closing:
         raise SHUTTING_DOWN
-    chat, job, tools = await run_in_threadpool(_prepare, api, body, asyncio.get_running_loop())
+    chat, job, tools = await api.gate.run(_prepare, api, body, asyncio.get_running_loop())
     if not api.worker.submit(job):
-        message = "the server is busy: its queue of requests is full; retry later"
-        raise ApiError(503, message, "server_error", code="overloaded", headers={"Retry-After": "1"})
+        raise busy("its queue of requests is full")
     if chat.stream:
         events = _stream(job, chat, tools, request)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -214,7 +263,20 @@ def _prepare(
     except BadPrompt as e:
         raise ApiError(400, str(e), param="messages") from None
     keep = tools.keep if tools is not None else frozenset()
-    return chat, Job(adapter, Row(ids, chat.settings, keep_special=keep), loop), tools
+    row = Row(ids, chat.settings, keep_special=keep)
+    _check_span(api.worker, row)
+    return chat, Job(adapter, row, loop), tools
+
+
+def _check_span(worker: Worker, row: Row) -> None:
+    """400 where the row alone is over a batch's token budget: it could never be generated."""
+    span, budget = worker.span(row), worker.batch_tokens
+    if span > budget:
+        message = (
+            f"the prompt ({len(row.prompt_ids)} tokens) and max_tokens ({span - len(row.prompt_ids)}) come to "
+            f"{span} tokens, over this server's --max-batch-tokens {budget}; send a shorter prompt or fewer max_tokens"
+        )
+        raise ApiError(400, message, param="max_tokens" if len(row.prompt_ids) < budget else "messages")
 
 
 async def _events(job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:

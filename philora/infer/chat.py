@@ -2,8 +2,8 @@
 
 Lines are read from stdin one at a time, so a pipe works as well as a terminal; each line is a turn. A message of
 several lines is one turn when it stands between two lines that are `\"\"\"` alone, or, in a terminal, when it is
-pasted (lines that arrive together). `/reset` clears the history (the system prompt stays), `/exit`, `/quit` or
-end of input quit. Ctrl-C stops an answer; at the prompt it quits.
+pasted (lines that arrive together). `/reset` clears the history (the system prompt stays); `/exit`, `/quit`,
+`exit` or `quit` alone (any case) or end of input quit. Ctrl-C stops an answer; at the prompt it quits.
 The conversation is rendered with the model's chat template each turn, the same rendering training used.
 
 With `--tools FILE` (OpenAI function schemas), the model may answer with calls: each is shown as
@@ -32,8 +32,10 @@ PROMPT = ">>> "
 CONTINUED = "... "
 BLOCK = '"""'  # a line of just this opens and closes a multi-line message
 PASTE_GAP = 0.05  # seconds: lines that follow each other closer than this in a terminal were pasted together
-HELP = "/reset clears the history, /exit quits"
-FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
+HELP = "/reset clears the history, /exit (or exit, quit) quits"
+# what leaves the chat when it is the whole message, in any case: typing `exit` is how people try to leave a REPL
+EXIT_WORDS = ("/exit", "/quit", "exit", "quit")
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "seed": "--seed"}
 
 
 MAX_CALL_ROUNDS = 4  # answers in a row that may call tools before the turn goes back to the user
@@ -168,7 +170,7 @@ def repl(session: Session, stdin: TextIO, out: TextIO) -> int:
             out.write("\n")
             return 0
         text = message.strip()
-        if text in ("/exit", "/quit"):
+        if text.lower() in EXIT_WORDS:
             return 0
         if text == "/reset":
             session.reset()
@@ -253,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(*problems)
     tools = read_tools(args.tools) if args.tools else None
     adapters = [read_adapter(args.adapter)] if args.adapter else []
-    model, tokenizer = load(adapters, args.model, args.dtype)
+    model, tokenizer = load(adapters, args.model, args.dtype, args.trust_remote_code)
     encoder = ChatEncoder(tokenizer)
     if tools:
         encoder.use_tools()

@@ -18,10 +18,18 @@ import torch
 
 from philora.data.formats import RowProblem
 from philora.data.render import MESSAGE_KEYS, ChatEncoder
+from philora.infer.stops import StopText
 
 
 class BadPrompt(ValueError):
     """The messages cannot be turned into a prompt (bad roles, special tokens in the text, too long)."""
+
+
+SEEDS = (-(1 << 63), (1 << 63) - 1)  # a seed is an int64: torch's generator refuses more (and the wire is JSON)
+# Below this temperature sampling is greedy but for exact ties (a token 1e-3 under the best logit has a probability
+# under e^-100), so it is done greedily; a temperature under float32's range (1e-300) would otherwise be 0, and the
+# softmax of 0 / 0 is NaN, which fails the sampling.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -36,7 +44,8 @@ class Settings:
 
     def problems(self, names: dict[str, str] | None = None) -> list[str]:
         """One line per bad value; `names` maps a field to the flag or JSON key the user wrote it as."""
-        name = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", **(names or {})}
+        name = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+        name |= names or {}
         found = []
         if self.max_new_tokens < 1:
             found.append(f"{name['max_new_tokens']}: {self.max_new_tokens}; give a number of tokens >= 1")
@@ -44,15 +53,20 @@ class Settings:
             found.append(f"{name['temperature']}: {self.temperature}; give a value from 0 (greedy) to 2")
         if not 0 < self.top_p <= 1:
             found.append(f"{name['top_p']}: {self.top_p}; give a value in (0, 1]")
+        if self.seed is not None and not SEEDS[0] <= self.seed <= SEEDS[1]:
+            found.append(f"{name['seed']}: {self.seed}; give a 64-bit integer ({SEEDS[0]} to {SEEDS[1]})")
         return found
 
 
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop": end of turn or a stop string; "length": max_new_tokens or the context; "cancelled"
+    # "stop": end of turn or a stop string; "length": max_new_tokens or the context; "cancelled";
+    # "error": the row's own sampling or callbacks failed (generate with isolate=True), the exception in `error`
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    error: Exception | None = None
 
 
 @dataclass
@@ -90,12 +104,34 @@ def prompt_ids(
         clean.append({**{k: m[k] for k in MESSAGE_KEYS if k in m}, "role": ROLES[role], "content": content})
     try:
         encoder.refuse_special_text(clean, tools)  # a special token in the text would be read as a control token
-        ids = encoder.tokenize([encoder.render(clean, generation_prompt=True, tools=tools) + prefill])[0]
+        text = encoder.render(clean, generation_prompt=True, tools=tools) + prefill
     except RowProblem as e:
         raise BadPrompt(str(e)) from None
+    ids = _measured_ids(encoder, text, context) if context is not None else encoder.tokenize([text])[0]
     if context is not None and len(ids) >= context:
         raise BadPrompt(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens")
     return ids
+
+
+CHARS_PER_TOKEN = 4  # the first prefix measured holds the context at about 4 characters a token (English text)
+CUT_TOKENS = 16  # more than a cut can add to a prefix's count: the word or special token it splits in two
+
+
+def _measured_ids(encoder: ChatEncoder, text: str, context: int) -> list[int]:
+    """The ids of `text`, or BadPrompt as soon as a prefix of it is over `context` tokens: prefixes twice as long
+    each time, from `context` * 4 characters. Tokenizing a 4 MB text whole holds about a million tokens (hundreds of
+    MB in the tokenizer); this way what is tokenized stays under about twice the text the context can hold, which
+    the whole text is too when it fits."""
+    size = context * CHARS_PER_TOKEN
+    while size < len(text):
+        ids = encoder.tokenize([text[:size]])[0]
+        if len(ids) >= context + CUT_TOKENS:
+            raise BadPrompt(
+                f"the prompt is over {len(ids) - CUT_TOKENS} tokens (its first {size} characters alone); "
+                f"the model's context is {context} tokens"
+            )
+        size *= 2
+    return encoder.tokenize([text])[0]
 
 
 def context_length(model: Any) -> int | None:
@@ -141,47 +177,17 @@ class Detokenizer:
         return new[len(old) :]
 
 
-def partial_start(text: str, strings: Sequence[str]) -> int:
-    """The length of the longest end of `text` that is the start of one of `strings`: text to hold back while
-    it may still become one of them."""
-    return max((k for s in strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-class StopText:
-    """Cuts the text at the first stop string, holding back any tail that could be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        if not self.stops:
-            return text
-        text, self.held = self.held + text, ""
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit = True
-            return text[: min(found)]
-        keep = partial_start(text, self.stops)
-        self.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 class _Answer:
     """The state of one row while it generates."""
 
-    def __init__(self, row: Row, encoder: ChatEncoder, limit: int, device: torch.device) -> None:
+    def __init__(self, row: Row, encoder: ChatEncoder, limit: int) -> None:
         self.row = row
-        self.sampler = _sampler(row, device)
+        self.sampler: torch.Generator | None = None
         self.limit = limit  # tokens it may still generate: max_new_tokens, or less where the context ends
         self.tokens = 0
         self.pieces: list[str] = []
         self.finish: str | None = None
+        self.error: Exception | None = None
         drop = frozenset(encoder.special_ids - row.keep_special) if row.keep_special else None
         self.detokenizer = Detokenizer(encoder.tokenizer, drop)
         self.stop_text = StopText(row.settings.stop)
@@ -190,6 +196,9 @@ class _Answer:
         text = self.stop_text.feed(text)
         if self.stop_text.hit:
             self.finish = "stop"
+        self.release(text)
+
+    def release(self, text: str) -> None:
         if text:
             self.pieces.append(text)
             if self.row.on_text is not None:
@@ -207,11 +216,23 @@ class _Answer:
             self.finish = "cancelled"
         if self.finish is not None and not self.stop_text.hit:
             self.emit(self.detokenizer.flush())
-            if not self.stop_text.hit:
-                self.emit(self.stop_text.flush())
+            if not self.stop_text.hit:  # the end held back may have become a stop string; it cannot now
+                self.release(self.stop_text.flush())
 
     def completion(self) -> Completion:
-        return Completion("".join(self.pieces), self.finish or "length", len(self.row.prompt_ids), self.tokens)
+        text = "".join(self.pieces)
+        return Completion(text, self.finish or "length", len(self.row.prompt_ids), self.tokens, self.error)
+
+    def guarded(self, isolate: bool, action: Callable[..., Any], *args: Any) -> Any:
+        """action(*args), a step of this row's own (its sampler, its sampling, its text); where it fails and rows
+        are isolated, the row ends with the error (None is returned) and the others go on."""
+        try:
+            return action(*args)
+        except Exception as e:
+            if not isolate:
+                raise
+            self.finish, self.error = "error", e
+            return None
 
 
 def stop_ids(model: Any, encoder: ChatEncoder) -> set[int]:
@@ -233,7 +254,7 @@ def _forward_kwargs(model: Any) -> dict[str, Any]:
 
 
 def _sampler(row: Row, device: torch.device) -> torch.Generator | None:
-    if row.settings.temperature == 0:
+    if row.settings.temperature < GREEDY_BELOW:
         return None
     generator = torch.Generator(device)
     if row.settings.seed is None:
@@ -243,17 +264,20 @@ def _sampler(row: Row, device: torch.device) -> torch.Generator | None:
     return generator
 
 
-def _next_tokens(logits: torch.Tensor, live: list[_Answer]) -> list[int]:
+def _next_tokens(logits: torch.Tensor, live: list[_Answer], isolate: bool) -> list[int]:
     """Each row's next token: the argmax (one device sync for the batch), or a sample where it samples."""
     tokens = logits.argmax(-1).tolist()
     for i, a in enumerate(live):
         if a.sampler is not None:
-            tokens[i] = _sample(logits[i], a.row.settings, a.sampler)
+            tokens[i] = a.guarded(isolate, _sample, logits[i], a.row.settings, a.sampler)
     return tokens
 
 
 def _sample(logits: torch.Tensor, settings: Settings, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    logits = logits.float()
+    # Scaled from the best logit down: at a small temperature a positive logit / temperature overflows to inf, and
+    # inf - inf is NaN; from 0 down the worst is -inf, a probability of 0.
+    probs = torch.softmax((logits - logits.max()) / settings.temperature, dim=-1)
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # the smallest set reaching top_p stays
@@ -262,15 +286,18 @@ def _sample(logits: torch.Tensor, settings: Settings, generator: torch.Generator
 
 
 @torch.no_grad()
-def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row]) -> list[Completion]:
+def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row], isolate: bool = False) -> list[Completion]:
     """Answers to the rows, generated together (left-padded) and streamed through each row's `on_text`.
-    Rows leave the batch as they finish; the model must already be in eval mode with the right adapter."""
+    Rows leave the batch as they finish; the model must already be in eval mode with the right adapter.
+    With `isolate` (a server's requests), a row whose own part fails (its seed, its sampling, its callbacks)
+    ends alone with finish_reason "error"; without, the exception ends the call. A failure of the model's
+    forward pass ends the call either way."""
     device = next(model.parameters()).device
     context = context_length(model) or 1 << 62
-    limits = [min(r.settings.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
-    answers = [_Answer(r, encoder, n, device) for r, n in zip(rows, limits, strict=True)]
+    answers = [_Answer(r, encoder, generation_limit(r, context)) for r in rows]
     for a in answers:
-        if a.limit <= 0:
+        a.sampler = a.guarded(isolate, _sampler, a.row, device)
+        if a.limit <= 0 and a.finish is None:
             a.finish = "length"
     live = [a for a in answers if a.finish is None]
     if not live:
@@ -281,9 +308,10 @@ def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row]) -> list[Comp
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     while True:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        tokens = _next_tokens(out.logits[:, -1, :], live)
+        tokens = _next_tokens(out.logits[:, -1, :], live, isolate)
         for a, token in zip(live, tokens, strict=True):
-            a.take(token, ends)
+            if a.finish is None:  # not where its sampling failed
+                a.guarded(isolate, a.take, token, ends)
         still = [i for i, a in enumerate(live) if a.finish is None]
         if not still:
             return [a.completion() for a in answers]
@@ -295,6 +323,11 @@ def generate(model: Any, encoder: ChatEncoder, rows: Sequence[Row]) -> list[Comp
         ids = torch.tensor(tokens, device=device).unsqueeze(-1)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
         positions = positions[:, -1:] + 1
+
+
+def generation_limit(row: Row, context: int) -> int:
+    """The most tokens `row` may generate: its max_new_tokens, or less where the context ends."""
+    return min(row.settings.max_new_tokens, context - len(row.prompt_ids))
 
 
 def _left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:

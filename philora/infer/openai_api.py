@@ -17,9 +17,12 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from philora.data.tools import BadTools, check_calls, check_results, check_tools
-from philora.infer.generation import Completion, Settings
+from philora.infer.generation import SEEDS, Completion, Settings
 
 MAX_STOPS = 16
+# Characters in one stop string. Stop strings are markers ("\n\n", "Observation:", "</answer>"), tens of characters
+# at most; 256 leaves room, and bounds what a streamed answer holds back while its end may become one.
+MAX_STOP_CHARS = 256
 
 
 class ApiError(HTTPException):
@@ -71,7 +74,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class TextPart(Strict):
@@ -123,7 +126,8 @@ class StreamOptions(Strict):
 
 
 class ChatCompletionRequest(Strict):
-    """The body of POST /v1/chat/completions. As in OpenAI's API, temperature defaults to 1."""
+    """The body of POST /v1/chat/completions. As in OpenAI's API, temperature defaults to 1; below 1e-5 it is
+    greedy (generation.GREEDY_BELOW)."""
 
     model: str = Field(min_length=1, description="a served name (GET /v1/models lists them)")
     messages: list[Message] = Field(min_length=1)
@@ -131,10 +135,10 @@ class ChatCompletionRequest(Strict):
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1], description="a 64-bit integer")
     stop: Annotated[
-        NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)] | None,
-        one_error(f"give a string or a list of at most {MAX_STOPS} non-empty strings"),
+        StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None,
+        one_error(f"give a string or a list of at most {MAX_STOPS} strings, each of 1 to {MAX_STOP_CHARS} characters"),
     ] = None
     stream: bool = False
     stream_options: StreamOptions | None = None

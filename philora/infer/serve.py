@@ -1,32 +1,39 @@
 """`philora serve`: an OpenAI-compatible HTTP server for the base model and any number of adapters.
 
 Endpoints: `POST /v1/chat/completions` (JSON, or Server-Sent Events with `stream: true`), `GET /v1/models`,
-`GET /v1/models/{id}`, `GET /health`, and the OpenAPI description at `/docs` and `/openapi.json`. The request's
-`model` picks an adapter by name, or the base model by its own name (or `base`). As in OpenAI's API,
-`temperature` defaults to 1; send 0 for greedy answers. With `tools`, answers are read for tool calls in the
-chat template's syntax and returned as OpenAI's `tool_calls`; `tool_choice` "required" or a named function makes
-the answer start with the opening of a call.
+`GET /v1/models/{id}`, `GET /health`, and the OpenAPI description at `/docs`, `/redoc` and `/openapi.json`
+(behind the key, when there is one). The request's `model` picks an adapter by name, or the base model by its own
+name (or `base`). As in OpenAI's API, `temperature` defaults to 1; send 0 (or anything below 1e-5) for greedy
+answers. With `tools`, answers are read for tool calls in the chat template's syntax and returned as OpenAI's
+`tool_calls`; `tool_choice` "required" or a named function makes the answer start with the opening of a call.
 
 The rooms: openai_api.py is the wire format (pydantic models, every bad field in one 400); app.py the FastAPI
 app (routes, OpenAI's error bodies, the request size limit, streaming); tool_calls.py reads calls out of
-answers; worker.py is the one thread that owns the model. This module is the command: it checks the flags,
-binds the port before the model loads, and runs uvicorn in a thread while the main thread waits for signals.
+answers; worker.py is the one thread that owns the model; connections.py holds the connections to a read
+deadline. This module is the command: it checks the flags, binds the port before the model loads, and runs
+uvicorn in a thread while the main thread waits for signals.
 
 One model on one device: a single worker thread owns it. Requests are checked and tokenized off the event loop
-and put on a bounded queue; a full queue is answered 503 at once. The worker takes the oldest request and the
-other waiting ones for the same adapter and generates them as one left-padded batch; the model is switched
-between adapters only there. SIGTERM or SIGINT: stop accepting, answer the requests already accepted, exit 0;
-a second signal cancels those.
+(two at a time) and put on a queue bounded in requests and tokens; a full queue is answered 503 at once. The
+worker takes the oldest request and the other waiting ones for the same adapter that fit the batch's token
+budget, and generates them as one left-padded batch; the model is switched between adapters only there.
+A request's headers and body must arrive within --read-timeout; a slower client is answered 408 and closed.
+SIGTERM or SIGINT: stop accepting, close the connections still sending, answer the requests already accepted
+for up to --graceful-timeout seconds, then cancel what is left (503) and exit 0; a second signal cancels at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import ipaddress
 import os
 import signal
 import socket
 import sys
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,29 +56,93 @@ LOG_CONFIG: dict[str, Any] = {
 }
 
 
+KEEP_ALIVE = 5  # seconds an idle connection stays open between requests (uvicorn's default)
+CANCEL_WAIT = 5.0  # seconds the cancelled answers get to send their 503 before the server closes regardless
+
+
+@dataclass
+class Limits:
+    """What one client may take of the server's time and memory, besides the batch and queue budgets."""
+
+    max_body: int = 4 << 20  # bytes of a request body (--max-body-mb)
+    read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (--read-timeout)
+    graceful_timeout: float = 30.0  # seconds the answers in progress get after SIGTERM (--graceful-timeout)
+
+
+@dataclass
+class Shutdown:
+    """The signals: the first asks for a graceful stop, the second for the answers in progress to be cancelled."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    now: threading.Event = field(default_factory=threading.Event)
+
+    def signal(self, signum: int = 0, frame: Any = None) -> None:
+        (self.now if self.stop.is_set() else self.stop).set()
+
+    def wait(self, thread: threading.Thread, seconds: float) -> bool:
+        """Wait for `thread` to end, at most `seconds` or until a second signal; whether it ended."""
+        deadline = time.monotonic() + seconds
+        while thread.is_alive() and not self.now.is_set() and time.monotonic() < deadline:
+            thread.join(0.05)
+        return not thread.is_alive()
+
+
 def main(args: argparse.Namespace) -> int:
     from philora.infer.adapters import load
 
-    max_body_mb = args.max_body_mb
-    problems = [f"--max-queue: {args.max_queue}; give a number >= 1"] if args.max_queue < 1 else []
-    if max_body_mb <= 0:
-        problems.append(f"--max-body-mb: {max_body_mb}; give a size in MB > 0")
-    if args.max_new_tokens < 1:
-        problems.append(f"--max-new-tokens: {args.max_new_tokens}; give a number of tokens >= 1")
-    if not 0 <= args.port < 65536:
-        problems.append(f"--port: {args.port}; give a port from 0 (any free one) to 65535")
-    if problems:
+    if problems := flag_problems(args):
         raise UserError(*problems)
+    key = args.api_key or os.environ.get("PHILORA_API_KEY") or None
+    for line in exposure_warnings(args.host, key, from_flag=bool(args.api_key)):
+        print(f"philora: warning: {line}", file=sys.stderr, flush=True)
     adapters = adapters_of(args.adapters)
     base = base_name(args.model, adapters)
     if base in {a.name for a in adapters}:
         raise UserError(f"--adapter {base}=...: the base model is served under that name; name the adapter otherwise")
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
-    model, tokenizer = load(adapters, args.model, args.dtype)
-    key = args.api_key or os.environ.get("PHILORA_API_KEY") or None
-    worker = Worker(model, serving_encoder(tokenizer), args.max_queue)
+    model, tokenizer = load(adapters, args.model, args.dtype, args.trust_remote_code)
+    worker = Worker(model, serving_encoder(tokenizer), args.max_queue, args.max_batch_tokens)
     api = Api(base, [a.name for a in adapters], worker, key, args.max_new_tokens)
-    return serve(api, sock, int(max_body_mb * (1 << 20)))
+    return serve(api, sock, Limits(int(args.max_body_mb * (1 << 20)), args.read_timeout, args.graceful_timeout))
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """One line per bad flag."""
+    problems = [f"--max-queue: {args.max_queue}; give a number >= 1"] if args.max_queue < 1 else []
+    if args.max_body_mb <= 0:
+        problems.append(f"--max-body-mb: {args.max_body_mb}; give a size in MB > 0")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens: {args.max_new_tokens}; give a number of tokens >= 1")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
+        problems.append(f"--max-batch-tokens: {args.max_batch_tokens}; give a number of tokens >= 1")
+    if not 0 <= args.port < 65536:
+        problems.append(f"--port: {args.port}; give a port from 0 (any free one) to 65535")
+    if not args.read_timeout > 0:
+        problems.append(f"--read-timeout: {args.read_timeout}; give seconds > 0")
+    if not args.graceful_timeout >= 0:
+        problems.append(f"--graceful-timeout: {args.graceful_timeout}; give seconds >= 0")
+    return problems
+
+
+def exposure_warnings(host: str, key: str | None, from_flag: bool) -> list[str]:
+    """What is unsafe about serving on `host` with `key`: no key where others can reach the port; a key given on
+    the command line, which every user of the machine can read in `ps`."""
+    warnings = []
+    if key is None and not is_loopback(host):
+        reach = "anyone who can reach the port can use the model"
+        warnings.append(f"--host {host} without an API key: {reach}; set PHILORA_API_KEY")
+    if from_flag:
+        warnings.append("--api-key is visible to other users of this machine in `ps`; set PHILORA_API_KEY instead")
+    return warnings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def serving_encoder(tokenizer: Any) -> ChatEncoder:
@@ -123,43 +194,54 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(api: Api, sock: socket.socket, max_body: int) -> int:
+def serve(api: Api, sock: socket.socket, limits: Limits) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully; a second signal cancels what is left."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            api.worker.cancel()
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    shutdown = Shutdown()
+    previous = {s: signal.signal(s, shutdown.signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(api, sock, max_body, stop)
+        run(api, sock, limits, shutdown)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
 
 
-def run(api: Api, sock: socket.socket, max_body: int, stop: threading.Event) -> None:
-    """Serve on `sock` until `stop` is set; then take no new requests, answer the accepted ones, and return.
+def run(api: Api, sock: socket.socket, limits: Limits, shutdown: Shutdown) -> None:
+    """Serve on `sock` until `shutdown.stop` is set; then take no new requests and answer the accepted ones until
+    they are done, `limits.graceful_timeout` passes or `shutdown.now` is set, cancel what is left, and return.
     uvicorn runs in its own thread (so it leaves the signals to `serve`) with its own event loop."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(build_app(api, max_body), log_config=LOG_CONFIG))
+    from philora.infer.connections import TimedH11Protocol
+
+    # uvicorn makes its protocol by calling the class it is given, with keywords: a partial of one does as well.
+    protocol: Any = functools.partial(TimedH11Protocol, read_timeout=limits.read_timeout)
+    app = build_app(api, limits.max_body)
+    config = uvicorn.Config(app, http=protocol, timeout_keep_alive=KEEP_ALIVE, log_config=LOG_CONFIG)
+    server = uvicorn.Server(config)
     api.worker.thread.start()
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="philora-http", daemon=True)
     http.start()
     while not server.started:
         if not http.is_alive():
             raise RuntimeError("the HTTP server stopped as it started; see the log above")
-        stop.wait(0.05)
+        shutdown.stop.wait(0.05)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     print(f"philora: serving {', '.join(api.models)} at {url}", flush=True)
-    stop.wait()
-    print("philora: shutting down after the requests in progress (again to cancel them)", file=sys.stderr, flush=True)
+    shutdown.stop.wait()
+    grace = limits.graceful_timeout
+    say(f"shutting down: the requests in progress have {grace:g} s to finish (a second signal cancels them)")
     api.closing = True
-    server.should_exit = True
-    http.join()  # uvicorn waits for the open requests, which wait for their jobs
+    server.should_exit = True  # uvicorn stops listening, closes idle connections, waits for the open requests
+    if not shutdown.wait(http, grace):
+        say("cancelling the requests still in progress")
+        api.worker.cancel()  # each answered 503 at its next token
+        http.join(CANCEL_WAIT)
+        server.force_exit = True
+        http.join()
     api.worker.close()
+
+
+def say(line: str) -> None:
+    print(f"philora: {line}", file=sys.stderr, flush=True)

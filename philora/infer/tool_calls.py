@@ -14,8 +14,8 @@ from typing import Any
 
 from philora.data.render import ChatEncoder
 from philora.data.tools import Syntax
-from philora.infer.generation import partial_start
 from philora.infer.openai_api import ApiError, ChatRequest
+from philora.infer.stops import partial_start
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
 """The one thread that touches the model in `philora serve`: it takes queued jobs, the oldest first with the other
-waiting ones for the same adapter (up to MAX_BATCH), and generates them as one left-padded batch. The model is
-switched between adapters only here, between batches, so a switch can never change an answer that is generating.
-A job reports to the event loop of the request that made it, which awaits its events.
+waiting ones for the same adapter (up to MAX_BATCH, and as many as fit the batch's token budget), and generates
+them as one left-padded batch. The model is switched between adapters only here, between batches, so a switch can
+never change an answer that is generating. A job reports to the event loop of the request that made it, which
+awaits its events. A job whose own sampling fails is answered 500 alone; the others in its batch go on.
+
+Memory is budgeted in tokens, not requests: a batch holds rows x (its longest prompt + the most tokens a row may
+generate) positions of KV cache and activations, which must stay within `batch_tokens`; the queue holds at most
+QUEUED_BATCHES batches' worth of tokens (each job counted as its prompt + the tokens it may generate).
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from philora.data.render import ChatEncoder
-from philora.infer.generation import Row, generate
+from philora.infer.generation import Completion, Row, context_length, generate, generation_limit
 from philora.infer.openai_api import ApiError
 
 MAX_BATCH = 16  # requests generated together
+# The default budget of a batch, in positions (rows x padded length): 16,384 is 16 requests of 1,024 tokens, and
+# ~6 GB of KV cache on Phi-3-mini in bf16 (~380 MB on the embedded model). A model whose context is longer gets
+# its context, so that one request of any length that fits it can run.
+BATCH_TOKENS = 16384
+QUEUED_BATCHES = 4  # the queue holds this many batches' worth of tokens; more is answered 503
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", "server_error")
+GENERATION_FAILED = ApiError(500, "generation failed; see the server log", "server_error")
 
 
 @dataclass
@@ -46,20 +57,36 @@ class Job:
 class Worker:
     """Takes batches of jobs for one adapter and generates them; the only thread that touches the model."""
 
-    def __init__(self, model: Any, encoder: ChatEncoder, max_queue: int) -> None:
+    def __init__(self, model: Any, encoder: ChatEncoder, max_queue: int, batch_tokens: int | None = None) -> None:
         self.model, self.encoder, self.max_queue = model, encoder, max_queue
+        self.context = context_length(model) or 1 << 62
+        self.batch_tokens = batch_tokens or max(BATCH_TOKENS, context_length(model) or 0)
         self.cond = threading.Condition()
         self.waiting: deque[Job] = deque()
+        self.queued_tokens = 0  # the spans of the waiting jobs
         self.running: list[Job] = []
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="philora-generate", daemon=True)
 
+    def span(self, row: Row) -> int:
+        """The positions `row` may take: its prompt and the most tokens it may generate."""
+        return len(row.prompt_ids) + max(0, generation_limit(row, self.context))
+
+    def cost(self, rows: list[Row]) -> int:
+        """The positions a batch of `rows` takes at its longest: every row is padded to the longest prompt, and
+        the batch runs until its longest answer is done."""
+        longest = max(len(r.prompt_ids) for r in rows)
+        return len(rows) * (longest + max(generation_limit(r, self.context) for r in rows))
+
     def submit(self, job: Job) -> bool:
-        """Queue the job; False when the queue is full or the worker is closing."""
+        """Queue the job; False when the queue is full (in requests or tokens) or the worker is closing."""
+        span = self.span(job.row)
         with self.cond:
-            if self.closed or len(self.waiting) >= self.max_queue:
+            full = self.queued_tokens + span > QUEUED_BATCHES * self.batch_tokens
+            if self.closed or len(self.waiting) >= self.max_queue or full:
                 return False
             self.waiting.append(job)
+            self.queued_tokens += span
             self.cond.notify()
             return True
 
@@ -71,10 +98,12 @@ class Worker:
         self.thread.join()
 
     def cancel(self) -> None:
-        """Answer the queued jobs 503 and stop the running ones where they are."""
+        """Take no new jobs, answer the queued ones 503 and stop the running ones where they are."""
         with self.cond:
             dropped = list(self.waiting)
             self.waiting.clear()
+            self.queued_tokens, self.closed = 0, True
+            self.cond.notify()
         for job in dropped:
             job.report("error", SHUTTING_DOWN)
         for job in list(self.running):
@@ -86,10 +115,14 @@ class Worker:
                 self.cond.wait()
             if not self.waiting:
                 return None
-            first = self.waiting.popleft()
-            batch = [first, *[j for j in self.waiting if j.adapter == first.adapter][: MAX_BATCH - 1]]
-            for job in batch[1:]:
-                self.waiting.remove(job)
+            batch = [self.waiting.popleft()]  # the oldest fits alone: app.py refuses a request that does not
+            for job in list(self.waiting):
+                if len(batch) == MAX_BATCH:
+                    break
+                if job.adapter == batch[0].adapter and self.cost([j.row for j in [*batch, job]]) <= self.batch_tokens:
+                    batch.append(job)
+                    self.waiting.remove(job)
+            self.queued_tokens -= sum(self.span(j.row) for j in batch)
             self.running = [j for j in batch if not j.cancel.is_set()]  # the others' clients left
             return self.running
 
@@ -98,15 +131,23 @@ class Worker:
             try:
                 if batch:
                     with self._adapter(batch[0].adapter):
-                        results = generate(self.model, self.encoder, [j.row for j in batch])
+                        results = generate(self.model, self.encoder, [j.row for j in batch], isolate=True)
                     for job, result in zip(batch, results, strict=True):
-                        job.report("done", result)
+                        self._answer(job, result)
             except Exception:  # a bug: tell these requests, keep serving the others
                 traceback.print_exc()
                 for job in batch:
-                    job.report("error", ApiError(500, "generation failed; see the server log", "server_error"))
+                    job.report("error", GENERATION_FAILED)
             finally:
                 self.running = []
+
+    @staticmethod
+    def _answer(job: Job, result: Completion) -> None:
+        if result.error is None:
+            job.report("done", result)
+            return
+        traceback.print_exception(result.error)  # this request's own sampling failed: it alone is answered 500
+        job.report("error", GENERATION_FAILED)
 
     def _adapter(self, name: str | None) -> AbstractContextManager[Any]:
         if not hasattr(self.model, "disable_adapter"):  # a plain model: no adapters loaded

@@ -17,6 +17,7 @@ import torch
 
 from philora.errors import UserError
 from philora.model.layout import FUSED, FUSED_HOME, part_rows
+from philora.paths import umask_modes
 
 PREFIX = "base_model.model."
 
@@ -163,6 +164,7 @@ def convert_adapter(src: Path, dst: Path, to: str, model_config: Any) -> None:
     new_state, new_config = convert(state, config, part_rows(model_config))
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in new_state.items()}, dst / "adapter_model.safetensors")
+    umask_modes(dst)
     (dst / "adapter_config.json").write_text(json.dumps(new_config, indent=2) + "\n")
 
 

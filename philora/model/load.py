@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -22,55 +23,96 @@ PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
+CONFIG_KEY = "model.name_or_path:"
+TRUST_FIX = "pass --trust-remote-code if you trust it"
+
+
+class ModelRefused(UserError):
+    """A model that cannot be loaded as named. `place` precedes its name: the config key unless a command names
+    what its user typed instead (--model, an adapter's base) with `named_by`."""
+
+    def __init__(self, source: str, problem: str, place: str = CONFIG_KEY) -> None:
+        self.source, self.problem = source, problem
+        super().__init__(f"{place} {source}{problem}")
+
+    def at(self, place: str, trust_fix: str) -> ModelRefused:
+        return ModelRefused(self.source, self.problem, place)
+
+
+class RemoteCodeRefused(ModelRefused):
+    """A model or tokenizer that needs its own Python code (its config's auto_map), loaded without
+    --trust-remote-code; `fix` can say more (that the adapter's run trusted it)."""
+
+    def __init__(self, source: str, place: str = CONFIG_KEY, fix: str = TRUST_FIX) -> None:
+        super().__init__(source, f" needs its own Python code to load (auto_map in its config); {fix}", place)
+
+    def at(self, place: str, trust_fix: str) -> ModelRefused:
+        return RemoteCodeRefused(self.source, place, trust_fix)
+
+
+@contextlib.contextmanager
+def named_by(place: str, trust_fix: str = TRUST_FIX) -> Iterator[None]:
+    """A model that cannot be loaded inside is named by `place` (what precedes its name: `--model`, `--adapter DIR:
+    its base`), and a refusal to run its code gives `trust_fix`."""
+    try:
+        yield
+    except ModelRefused as e:
+        raise e.at(place, trust_fix) from None
+
+
 def model_source(mc: ModelSection) -> str:
-    """The directory or hub id transformers should load: the embedded model's cache dir when none is named."""
+    """The directory or hub id transformers should load: the embedded model's cache dir when none is named. A local
+    path is checked here (it exists, has a config.json), before anything loads: a mistyped one fails at once."""
     if mc.name_or_path is None:
         return str(embedded.embedded_model_dir())
     name = mc.name_or_path
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"model.name_or_path: {name} is a file; give the model's directory")
+            raise ModelRefused(name, " is a file; give the model's directory")
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: {name} has no config.json; is it a Hugging Face model directory?")
+            raise ModelRefused(name, " has no config.json; is it a Hugging Face model directory?")
         return str(path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_local:
-        raise UserError(f"model.name_or_path: {name}: no such directory")
+        raise ModelRefused(name, ": no such directory")
     return name
 
 
 def from_pretrained(loader: Any, source: str, mc: ModelSection, what: str, **kwargs: Any) -> Any:
-    """Call a transformers loader, turning 'not found' and 'offline' failures into one clear line."""
+    """Call a transformers loader, turning 'not found', 'offline' and 'needs its own code' failures into one clear
+    line. `mc.trust_remote_code` is always a bool here: None would let transformers prompt on a terminal."""
     try:
-        return loader.from_pretrained(source, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **kwargs)
+        return loader.from_pretrained(
+            source, revision=mc.revision, trust_remote_code=mc.trust_remote_code is True, **kwargs
+        )
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
-            raise UserError(
-                f"model.name_or_path: {source} needs its own modelling code; set model.trust_remote_code: true "
-                "if you trust it"
-            ) from None
+            raise RemoteCodeRefused(source) from None
         if not isinstance(e, OSError) and "Repo id" not in str(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(
-            f"model.name_or_path: cannot load the {what} of {source!r}{offline}: {first} — give a local model "
-            f"directory, or download it first with `hf download {source}`"
+        raise ModelRefused(
+            source,
+            f": cannot load its {what}{offline}: {first} — give a local model directory, or download it first with "
+            f"`hf download {source}`",
         ) from None
 
 
-def load_tokenizer(mc: ModelSection) -> Any:
+def load_tokenizer(mc: ModelSection, *, say_pad: bool = True) -> Any:
     """The model's tokenizer with a pad token that is not its eos/end-of-turn token (so padding can never be
-    confused with, or masked as, the token that ends an answer)."""
+    confused with, or masked as, the token that ends an answer). `say_pad=False` for a tokenizer that only reads
+    data, loaded before the model: a bad file then stops the command without the notice before its error."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
-    ensure_safe_pad(tokenizer)
+    ensure_safe_pad(tokenizer, say=say_pad)
     return tokenizer
 
 
-def ensure_safe_pad(tokenizer: Any) -> None:
+def ensure_safe_pad(tokenizer: Any, say: bool = True) -> None:
+    """Replace a pad token that is the eos or end-of-turn token with a safe one, saying so (once a process)."""
     vocab = tokenizer.get_vocab()
     ends = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
@@ -79,16 +121,21 @@ def ensure_safe_pad(tokenizer: Any) -> None:
         if candidate and candidate in vocab and vocab[candidate] not in ends:
             old = tokenizer.pad_token
             tokenizer.pad_token = candidate
-            print(
-                f"philora: pad token {old!r} is the end-of-sequence token; padding with {candidate!r} "
-                f"(id {vocab[candidate]}) instead",
-                file=sys.stderr,
-            )
+            if say:
+                instead = f"padding with {candidate!r} (id {vocab[candidate]}) instead"
+                notice(f"pad token {old!r} is the end-of-sequence token; {instead}")
             return
     raise UserError(
         "the tokenizer has no pad token distinct from its eos token, and none of "
         f"{', '.join(PAD_CANDIDATES)} exists in its vocabulary; add one to the tokenizer before training"
     )
+
+
+@functools.cache
+def notice(line: str) -> None:
+    """Say `line` on stderr once in this process: a fact about a model that each load of it would repeat (a
+    process that runs several commands, or loads a model more than once)."""
+    print(f"philora: {line}", file=sys.stderr)
 
 
 def check_attention(mc: ModelSection, dev: torch.device) -> None:

@@ -33,6 +33,7 @@ from philora.lora import slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
 from philora.model import fast_path, packed_attention
 from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
+from philora.paths import umask_modes
 from philora.preflight.command import gate
 from philora.preflight.report import size
 from philora.rundir import RunDir, plot_losses
@@ -185,12 +186,16 @@ def fit(run: Run) -> None:
                 "--resume: resuming under FSDP or DeepSpeed is not supported yet (their optimizer state is sharded); "
                 "resume with configs/accelerate/ddp.yaml or one process"
             )
-        saved = checkpoint.load(run.resume_from, run.model, run.optimizer, run.scheduler)
-        run.progress = Progress.from_dict(saved["progress"])
+        found = run.resume_from
+        checkpoint.restore(found, run.model, run.optimizer, run.scheduler)
+        run.progress = Progress.from_dict(found.state["progress"])
         run.log.truncate_after(run.progress.step)
-        run.say(f"resuming from {run.resume_from} at step {run.progress.step}/{run.plan.total_steps}")
+        run.say(f"resuming from {found.path} at step {run.progress.step}/{run.plan.total_steps}")
         if run.main:
-            warn_if_threads_differ(saved.get("torch_threads"))
+            warn_if_threads_differ(found.state.get("torch_threads"))
+            if newer := checkpoint.set_aside_newer(run.files.root, found):
+                run.say(f"set aside {', '.join(p.name for p in newer)} (newer than {found.path.name}, no longer "
+                        "counted): this run writes those steps again")  # fmt: skip
     loop(run)
 
 
@@ -202,10 +207,7 @@ def finish(run: Run) -> TrainResult:
     run.accelerator.wait_for_everyone()
     if not run.main:
         return TrainResult(files.root, run.model, None)
-    # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
-    run.model.save_pretrained(files.adapter, state_dict=weights,
-                              path_initial_model_for_weight_conversion=run.initial_adapter)  # fmt: skip
-    run.tokenizer.save_pretrained(files.adapter)
+    save_adapter(files, run.model, run.tokenizer, weights, run.initial_adapter)
     plot_losses(run.log.records, files.loss_plot)
     run.log.close()
     evaluation = None
@@ -248,6 +250,28 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(files.root, run.model, evaluation)
 
 
+def save_adapter(files: RunDir, model: Any, tokenizer: Any, weights: dict[str, torch.Tensor] | None,
+                 initial_adapter: str | None) -> None:  # fmt: skip
+    """The adapter and its tokenizer written beside adapter/ under a temporary name, flushed to the disk, then
+    renamed into place, so a kill or a power cut leaves the previous adapter/ (or none) or this one, whole, never a
+    part. Its files are added to the manifest first; a person's files in the previous adapter/ are kept."""
+    staged = files.staged_adapter
+    shutil.rmtree(staged, ignore_errors=True)  # a killed finish's, philora's own
+    # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
+    model.save_pretrained(staged, state_dict=weights, path_initial_model_for_weight_conversion=initial_adapter)
+    tokenizer.save_pretrained(staged)
+    umask_modes(staged)
+    names = [f"{files.adapter.name}/{p.name}" + ("/" if p.is_dir() else "") for p in staged.iterdir()]
+    kept = files.unrecorded(files.adapter) if files.adapter.is_dir() else []
+    for path in kept:  # copied, not moved: until the rename, the previous adapter/ stays whole
+        if not (staged / path.name).exists():
+            shutil.copytree(path, staged / path.name) if path.is_dir() else shutil.copy2(path, staged)
+    for path in [*staged.rglob("*"), staged]:
+        checkpoint.fsync(path)
+    files.add_to_manifest(names)
+    checkpoint.put_in_place(staged, files.adapter)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -256,16 +280,38 @@ class TrainResult:
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one unless asked to overwrite it."""
-    existing = RunDir(out).written()
-    if existing and not overwrite:
+    """A new run's dir: a new or empty one, or a philora run's, whose files go when asked to overwrite it. Only what
+    the run's manifest says philora wrote is removed; a dir that is not a philora run is never emptied. The manifest
+    is written before anything else, so that whatever this run writes is known to be its own."""
+    files = RunDir(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file; choose another --output, a new or empty directory")
+    if files.recorded() is None and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
         raise UserError(
-            f"--output {out}: already holds a run ({', '.join(p.name for p in existing)}); continue it with --resume, "
-            "choose another --output, or set training_config.overwrite_output_dir: true"
+            f"--output {out}: is not empty ({shown}) and not a philora run, so philora will neither write into it "
+            "nor remove anything there; choose another --output, a new or empty directory"
         )
-    for target in existing:
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    existing = files.written()
+    if existing and not overwrite:
+        held = ", ".join(dict.fromkeys(p.relative_to(out).parts[0] for p in existing))
+        if checkpoint.checkpoints(out):
+            raise UserError(
+                f"--output {out}: already holds a run ({held}); continue it with --resume, choose another --output, "
+                "or set training_config.overwrite_output_dir: true to replace it"
+            )
+        if any(p == files.adapter or files.adapter in p.parents for p in existing):
+            raise UserError(
+                f"--output {out}: already holds a finished run ({held}); choose another --output, or set "
+                "training_config.overwrite_output_dir: true to replace it"
+            )
+        raise UserError(
+            f"--output {out}: holds a run that stopped before its first checkpoint ({held}), so there is nothing to "
+            "resume and nothing is lost by starting it again: set training_config.overwrite_output_dir: true, or "
+            "choose another --output"
+        )
+    files.remove_written()
+    files.write_manifest(files.run_names())
 
 
 def mixed_precision(tc: TrainingSection, dev: torch.device) -> str:
@@ -291,18 +337,21 @@ def set_log_level(level: str) -> None:
         transformers.logging.set_verbosity(getattr(transformers.logging, level.upper()))
 
 
-def check_resume(out: Path, resume: str | bool | None, config: Config, clean: bool = True) -> Path | None:
-    """The checkpoint to resume from (refusing one written with different settings), or None for a new run,
-    whose output dir is prepared when `clean` (by the main process only, in a multi-process run)."""
+def check_resume(out: Path, resume: str | bool | None, config: Config,
+                 clean: bool = True) -> checkpoint.Checkpoint | None:  # fmt: skip
+    """The checkpoint to resume from, read and checked before the model is built (the newest that loads, each newer
+    one skipped with a warning; one written with different settings refused), or None for a new run, whose output
+    dir is prepared when `clean` (by the main process only, in a multi-process run, which also does the talking)."""
     if not resume:
         if clean:
             prepare_output_dir(out, config.training_config.overwrite_output_dir)
         return None
-    path = checkpoint.find_resume_point(out, resume)
-    saved = json.loads((path / "state.json").read_text())
-    if diffs := checkpoint.config_differences(saved["config"], config.to_dict()):
-        raise UserError(*(f"--resume {path}: {d}; resume with the same settings" for d in diffs))
-    return path
+    found, skipped = checkpoint.choose(out, resume)
+    for line in skipped if clean else []:
+        print(f"philora: warning: {line}", file=sys.stderr)
+    if diffs := checkpoint.config_differences(found.state["config"], config.to_dict()):
+        raise UserError(*(f"--resume {found.path}: {d}; resume with the same settings" for d in diffs))
+    return found
 
 
 def checkpoint_layers(model: Any, tc: TrainingSection) -> None:
@@ -362,5 +411,6 @@ def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
     with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters need converting: this is for that
         warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
         model.save_pretrained(path)
+    umask_modes(path)
     lora_config.init_lora_weights = pc.init_lora_weights
     return str(path)

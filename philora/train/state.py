@@ -7,13 +7,15 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from philora import data
 from philora.config import Config, TrainingSection
 from philora.rundir import RunDir
 from philora.train.metrics import MetricsLog
+
+if TYPE_CHECKING:
+    from philora.train.checkpoint import Checkpoint
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Run:
     config: Config
     accelerator: Any
     files: RunDir
-    resume_from: Path | None = None
+    resume_from: Checkpoint | None = None  # the checkpoint being resumed, read and checked at set-up
     started: float = field(default_factory=time.time)
     tokenizer: Any = None
     prepared: data.PreparedData | None = None
