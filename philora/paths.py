@@ -1,10 +1,27 @@
-"""Where philora keeps what it makes once and reuses (the converted embedded model, encoded data), and the modes of
-the files it writes."""
+"""Where philora keeps what it makes once and reuses (the converted embedded model, encoded data), the modes of the
+files it writes, and how a value that names data or a model tells a local path from a hub id or a shipped sample."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # the data files philora reads
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")  # owner/name, for a dataset also owner/name:split
+SAMPLE_PREFIX = "sample:"  # sample:NAME is philora/sample/NAME.jsonl, shipped with philora
+
+
+def names_hub_dataset(spec: str) -> bool:
+    """Whether a data value that is not on disk reads as a hub dataset id (owner/name[:split]), not a path: a name
+    with a data file's suffix is a file that is missing."""
+    return bool(HUB_ID.match(spec)) and Path(spec).suffix not in DATA_SUFFIXES
+
+
+def names_hub_model(name: str) -> bool:
+    """Whether a model value that is not on disk reads as a hub id (name or owner/name), not a path: one that starts
+    like a path or has more than one slash is a directory that is missing."""
+    return not (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name)
 
 
 def cache_root() -> Path:

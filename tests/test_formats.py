@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,44 @@ def test_detection_failure_names_the_keys_and_the_fix(tmp_path: Path, encoder: C
     path = jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}])
     with pytest.raises(UserError, match=rf"{path}:1: cannot tell the data format from this row's keys \(a, q\)"):
         load(path, encoder)
+
+
+def test_a_mapping_to_a_missing_column_names_the_mapping(tmp_path: Path, encoder: ChatEncoder) -> None:
+    """A typo in data.columns is said as such, with the file's columns in their order, whether the format is detected
+    or given, in a table or in JSON lines; a mapping the file's format does not read is not checked."""
+    table = tmp_path / "qa.csv"
+    table.write_text("question,answer\nName a colour.,Blue.\n")
+    lines = jsonl(tmp_path / "qa.jsonl", [{"question": "Name a colour.", "answer": "Blue."}])
+    for path, fmt in ((table, "auto"), (table, "prompt_completion"), (lines, "auto"), (lines, "prompt_completion")):
+        expected = f"data.columns.prompt: there is no column 'questions' in {path}; its columns are: question, answer"
+        with pytest.raises(UserError) as raised:
+            load(path, encoder, format=fmt, columns={"prompt": "questions", "completion": "answer"})
+        assert raised.value.problems == [expected]
+    mapped = {"prompt": "question", "completion": "answer", "system": "sys", "instruction": "task"}
+    with pytest.raises(UserError, match=r"^data.columns.system: there is no column 'sys' in .*qa.csv"):
+        load(table, encoder, format="alpaca", columns=mapped | {"output": "answer", "instruction": "question"})
+    assert load(table, encoder, columns=mapped).format == "prompt_completion"  # system, instruction: not read here
+
+
+def test_lists_in_messages_keep_one_order() -> None:
+    """Lists of valid names come in declaration order, not the hash order of a set, so a message is the same on
+    every run (PYTHONHASHSEED differs between processes)."""
+    code = (
+        "from philora.data.formats import Columns\n"
+        "from philora.config import load_config\n"
+        "from philora.errors import UserError\n"
+        "for attempt in (lambda: Columns({'answer': 'x'}), lambda: load_config(None, ['data.zzz=x'])):\n"
+        "    try:\n"
+        "        attempt()\n"
+        "    except UserError as e:\n"
+        "        print(e.problems)\n"
+    )
+
+    def run(seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+    runs = {run(seed) for seed in ("1", "2", "3")}
+    assert len(runs) == 1
+    assert "map any of messages, conversations, instruction, output, prompt" in (printed := runs.pop())
+    assert "data.zzz: unknown key; known keys: train, eval, format, columns" in printed

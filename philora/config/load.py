@@ -13,6 +13,7 @@ import yaml
 
 from philora.config.checks import check_type, check_values, coerce
 from philora.config.fields import NOT_HONOURED, PACKAGED_CONFIGS, SECTIONS, Config
+from philora.config.relative import resolve_inputs
 from philora.errors import UserError
 
 
@@ -32,6 +33,7 @@ def load_config(
     path: str | None = None, overrides: list[str] | tuple[str, ...] = (), trust_remote_code: bool | None = None
 ) -> Config:
     """Read a YAML config (none = the demo preset), apply `--set` overrides, validate; all problems at once.
+    Relative input paths in the file are made absolute from its folder (relative.py).
     `trust_remote_code`: whether a command that loads the model got --trust-remote-code (None: one that loads none,
     which takes model.trust_remote_code as written)."""
     source = resolve_config_path(path or "demo")
@@ -45,6 +47,7 @@ def load_config(
         return f"{source}:{lines[key]}" if key in lines else str(source)
 
     config = _build(raw, problems, place)
+    problems += resolve_inputs(config, source, set(lines) - overridden, place)
     if trust_remote_code is not None:
         problems += _grant_remote_code(config, trust_remote_code, place)
     problems += check_values(config, place)

@@ -24,6 +24,7 @@ from philora.data.formats import (
 from philora.data.render import ChatEncoder, Sample
 from philora.data.sources import ROW_BYTES_FLOOR, ROW_BYTES_PER_TOKEN, read_source
 from philora.errors import UserError, first_problems
+from philora.paths import SAMPLE_PREFIX
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
 
@@ -101,11 +102,11 @@ def source_specs(dc: DataSection, method: str = "sft") -> tuple[str, str | None]
 
 def sample(spec: str) -> str:
     """`sample:NAME` is philora's shipped philora/sample/NAME.jsonl (the demos' data); other specs are as given."""
-    if not spec.startswith("sample:"):
+    if not spec.startswith(SAMPLE_PREFIX):
         return spec
-    path = SAMPLE_DIR / f"{spec.removeprefix('sample:')}.jsonl"
+    path = SAMPLE_DIR / f"{spec.removeprefix(SAMPLE_PREFIX)}.jsonl"
     if not path.is_file():
-        names = ", ".join(f"sample:{p.stem}" for p in sorted(SAMPLE_DIR.glob("*.jsonl")))
+        names = ", ".join(f"{SAMPLE_PREFIX}{p.stem}" for p in sorted(SAMPLE_DIR.glob("*.jsonl")))
         raise UserError(f"{spec}: no such sample dataset; philora ships {names}")
     return str(path)
 

@@ -45,19 +45,20 @@ REQUIRED = {
     "preference": ("chosen", "rejected"),
     "text": ("text",),
 }
+OPTIONAL = {  # the other columns each format reads
+    "messages": ("tools",),
+    "sharegpt": ("system", "tools"),
+    "alpaca": ("input", "system", "history"),
+    "prompt_completion": (),
+    "preference": ("prompt",),
+    "text": (),
+}
+INNER_FIELDS = ("role", "content", "from", "value")  # keys inside each message, not columns
 LIST_FIELDS = ("messages", "conversations", "history")
 EITHER_FIELDS = ("prompt", "completion", "chosen", "rejected")  # a string or a list of messages
-FIELDS = (
-    *{f for fields in REQUIRED.values() for f in fields},
-    "input",
-    "system",
-    "history",
-    "role",
-    "content",
-    "from",
-    "value",
-    "tools",
-)
+# in declaration order (a set's order would change from run to run, and with it every message that lists them)
+COLUMN_FIELDS = tuple(dict.fromkeys(f for table in (REQUIRED, OPTIONAL) for fields in table.values() for f in fields))
+FIELDS = (*COLUMN_FIELDS, *INNER_FIELDS)
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -128,6 +129,7 @@ def detect(part: Part, columns: Columns) -> str:
     for fmt, required in REQUIRED.items():
         if all(columns[f] in keys for f in required):
             return fmt
+    check_mapped(part, COLUMN_FIELDS, columns)  # a mapping to a column that is not there is why none matched
     raise UserError(
         f"{first.where}: cannot tell the data format from this row's keys ({', '.join(sorted(keys)) or 'none'}); "
         "set data.format to one of " + ", ".join(FORMATS) + ", and map your field names with data.columns "
@@ -135,8 +137,30 @@ def detect(part: Part, columns: Columns) -> str:
     )
 
 
+def check_mapped(part: Part, fields: tuple[str, ...], columns: Columns) -> None:
+    """Each column data.columns names for one of `fields` must be in the file: a typo there is said as such."""
+    have = column_names(part)
+    problems = [
+        f"data.columns.{name}: there is no column {column!r} in {part.name}; its columns are: "
+        + (", ".join(have) or "none")
+        for name, column in columns.mapping.items()
+        if name in fields and column not in have
+    ]
+    if problems:
+        raise UserError(*problems)
+
+
+def column_names(part: Part) -> list[str]:
+    """A table's columns, or the keys of a file of objects (every row's, first seen first), in file order."""
+    if part.columns is not None:
+        return list(part.columns)
+    return list(dict.fromkeys(key for row in part.rows if isinstance(row.value, dict) for key in row.value))
+
+
 def check_columns(part: Part, fmt: str, columns: Columns) -> None:
-    """A table (CSV, parquet, datasets) must have the format's columns, with types that can hold them."""
+    """Columns named in data.columns must be there; a table (CSV, parquet, datasets) must have the format's columns,
+    with types that can hold them."""
+    check_mapped(part, (*REQUIRED[fmt], *OPTIONAL[fmt]), columns)
     if part.columns is None:
         return
     have = ", ".join(sorted(part.columns)) or "none"

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,9 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from philora.errors import UserError
+from philora.paths import DATA_SUFFIXES, names_hub_dataset
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 EVAL_SPLITS = ("validation", "eval", "test")
 BOM = b"\xef\xbb\xbf"
 SKIP_CHUNK = 1 << 20  # an overlong line is read past this many bytes at a time
@@ -83,9 +81,9 @@ def read_source(spec: str, purpose: str, limit: int) -> Source:
         if _is_saved_dataset(path):
             _read_saved_dataset(path, purpose, source, limit)
         else:
-            files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and not _hidden(p, path))
+            files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and not _hidden(p, path))
             if not files:
-                raise UserError(f"{spec}: the folder holds no {', '.join(SUFFIXES)} files")
+                raise UserError(f"{spec}: the folder holds no {', '.join(DATA_SUFFIXES)} files")
             for file in files:
                 source.digest.update(str(file.relative_to(path)).encode())
                 _read_file(file, source, limit)
@@ -100,8 +98,7 @@ def read_source(spec: str, purpose: str, limit: int) -> Source:
 
 def hub_dataset(spec: str) -> str | None:
     """The hub dataset id a data spec names (`owner/name` of `owner/name[:split]`), or None for a local path."""
-    path = Path(spec).expanduser()
-    if path.exists() or not HUB_ID.match(spec) or path.suffix in SUFFIXES:
+    if Path(spec).expanduser().exists() or not names_hub_dataset(spec):
         return None
     return spec.partition(":")[0]
 
@@ -111,8 +108,8 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def _read_file(path: Path, source: Source, limit: int) -> None:
-    if path.suffix not in SUFFIXES:
-        raise UserError(f"{path}: philora reads {', '.join(SUFFIXES)} files; convert this one or name another")
+    if path.suffix not in DATA_SUFFIXES:
+        raise UserError(f"{path}: philora reads {', '.join(DATA_SUFFIXES)} files; convert this one or name another")
     part = Part(str(path))
     try:
         if path.suffix == ".jsonl":

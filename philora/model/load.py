@@ -17,6 +17,7 @@ from philora import hardware
 from philora.config import ModelSection
 from philora.errors import UserError
 from philora.model import embedded, packed_attention
+from philora.paths import names_hub_model
 
 # Pad tokens that are safe to use when the tokenizer's pad is missing or equals its eos / end-of-turn token.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
@@ -73,8 +74,7 @@ def model_source(mc: ModelSection) -> str:
         if not (path / "config.json").is_file():
             raise ModelRefused(name, " has no config.json; is it a Hugging Face model directory?")
         return str(path)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_local:
+    if not names_hub_model(name):
         raise ModelRefused(name, ": no such directory")
     return name
 
