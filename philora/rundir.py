@@ -98,7 +98,7 @@ class RunDir:
             self.adapter / "README.md.tmp",
         ]
         # checkpoints/step-N and its temporary names (train/checkpoint.py), and the adapter's set aside while a
-        # new one replaces it (checkpoint.put_in_place)
+        # new one replaces it (train/durable.py put_in_place)
         folders = [self.checkpoints / "step-*", self.checkpoints / ".tmp-*", self.lora_init, self.staged_adapter,
                    self.root / f".tmp-old-{self.adapter.name}"]  # fmt: skip
         return [p.relative_to(self.root).as_posix() + ("/" if p in folders else "") for p in (*files, *folders)]
@@ -112,7 +112,8 @@ class RunDir:
             manifest = None
         if isinstance(manifest, dict) and manifest.get("written_by") == WRITER:
             files = manifest.get("files")
-            return [name for name in files if self._ours(name)] if isinstance(files, list) else []
+            own = set(self.run_names())
+            return [name for name in files if self._ours(name, own)] if isinstance(files, list) else []
         try:
             record = json.loads(self.record.read_text())
         except (OSError, ValueError):
@@ -122,14 +123,14 @@ class RunDir:
             return [*self.run_names(), f"{self.adapter.name}/"]
         return None
 
-    def _ours(self, name: object) -> bool:
-        """Whether a manifest entry is one philora writes: a name of `run_names` or a plain name inside adapter/.
+    def _ours(self, name: object, own: set[str]) -> bool:
+        """Whether a manifest entry is one philora writes: one of `own` (run_names) or a plain name inside adapter/.
         A run dir travels, its manifest with it: an entry like `*` or `../x` must never make philora remove a file."""
         if not isinstance(name, str):
             return False
         parts = PurePosixPath(name).parts
         in_adapter = len(parts) == 2 and parts[0] == self.adapter.name and not set("*?[]") & set(parts[1])
-        return name in self.run_names() or (in_adapter and parts[1] not in ("..", "."))
+        return name in own or (in_adapter and parts[1] not in ("..", "."))
 
     def written(self, names: list[str] | None = None) -> list[Path]:
         """What philora wrote here that is still there: the files and whole folders `names` (default: the

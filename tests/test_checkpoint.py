@@ -276,7 +276,7 @@ def test_adapters_and_checkpoints_are_written_with_the_users_umask(tmp_path: Pat
     from transformers import AutoTokenizer
 
     from philora.rundir import RunDir
-    from philora.train.run import save_adapter
+    from philora.train.output import save_adapter
 
     trainee = Trainee()
     out = tmp_path / "run"

@@ -14,7 +14,7 @@ from conftest import tiny_config
 from philora import cli
 from philora.errors import UserError
 from philora.rundir import RunDir
-from philora.train.run import prepare_output_dir, save_adapter
+from philora.train.output import prepare_output_dir, save_adapter
 
 FOREIGN = {
     "eval/notes.txt": "my notes",

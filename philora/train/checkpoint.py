@@ -28,9 +28,9 @@ from philora.paths import umask_modes
 from philora.preflight.report import size
 from philora.rundir import RunDir
 from philora.train import plain
+from philora.train.durable import TEMPORARY, flush_tree, fsync, put_in_place
 
 PREFIX = "step-"
-TEMPORARY = ".tmp-"  # a checkpoint being written, or one set aside while its step is written again
 MARKER = "complete.json"
 STATE = "state.json"
 TRAINER = "trainer.json"  # the optimizer, scheduler and RNG states; their tensors in TRAINER_TENSORS
@@ -170,28 +170,12 @@ def seal(tmp: Path) -> None:
     """Flush every file of `tmp` to the disk, then write the marker listing their sizes, flushed too: a power cut
     after the rename must not find a marker over files still in the page cache."""
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    for name in files:
-        fsync(tmp / name)
-    for folder in {(tmp / name).parent for name in files}:
-        fsync(folder)
+    flush_tree(tmp)
     with (tmp / MARKER).open("w") as f:
         json.dump({"files": files}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     fsync(tmp)
-
-
-def put_in_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`. A dir cannot replace a non-empty one in one rename, so an older `final` (the same
-    step written again after a resume) is renamed aside first and removed after: steps below it stay complete
-    throughout, and a kill in between leaves only a `.tmp-` dir that pruning removes."""
-    aside = final.parent / f"{TEMPORARY}old-{final.name}"
-    if final.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    fsync(final.parent)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def prune(root: Path, keep: int | None) -> None:
@@ -209,15 +193,6 @@ def prune(root: Path, keep: int | None) -> None:
     for old in doomed:
         (old / MARKER).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's data, or a dir's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def disk_full(error: BaseException) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 import warnings
@@ -42,6 +41,7 @@ from philora.train.distributed import configure, gathered_adapter, sharded
 from philora.train.loop import loop
 from philora.train.metrics import MetricsLog, reporters
 from philora.train.objective import make_objective, reference_logprobs, save_reference
+from philora.train.output import prepare_output_dir, save_adapter
 from philora.train.plan import make_plan
 from philora.train.record import write_run_record
 from philora.train.state import Progress, Run
@@ -250,68 +250,11 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(files.root, run.model, evaluation)
 
 
-def save_adapter(files: RunDir, model: Any, tokenizer: Any, weights: dict[str, torch.Tensor] | None,
-                 initial_adapter: str | None) -> None:  # fmt: skip
-    """The adapter and its tokenizer written beside adapter/ under a temporary name, flushed to the disk, then
-    renamed into place, so a kill or a power cut leaves the previous adapter/ (or none) or this one, whole, never a
-    part. Its files are added to the manifest first; a person's files in the previous adapter/ are kept."""
-    staged = files.staged_adapter
-    shutil.rmtree(staged, ignore_errors=True)  # a killed finish's, philora's own
-    # PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base weights.
-    model.save_pretrained(staged, state_dict=weights, path_initial_model_for_weight_conversion=initial_adapter)
-    tokenizer.save_pretrained(staged)
-    umask_modes(staged)
-    names = [f"{files.adapter.name}/{p.name}" + ("/" if p.is_dir() else "") for p in staged.iterdir()]
-    kept = files.unrecorded(files.adapter) if files.adapter.is_dir() else []
-    for path in kept:  # copied, not moved: until the rename, the previous adapter/ stays whole
-        if not (staged / path.name).exists():
-            shutil.copytree(path, staged / path.name) if path.is_dir() else shutil.copy2(path, staged)
-    for path in [*staged.rglob("*"), staged]:
-        checkpoint.fsync(path)
-    files.add_to_manifest(names)
-    checkpoint.put_in_place(staged, files.adapter)
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
     model: Any  # the trained peft model, in memory
     evaluation: dict[str, Any] | None
-
-
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """A new run's dir: a new or empty one, or a philora run's, whose files go when asked to overwrite it. Only what
-    the run's manifest says philora wrote is removed; a dir that is not a philora run is never emptied. The manifest
-    is written before anything else, so that whatever this run writes is known to be its own."""
-    files = RunDir(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: is a file; choose another --output, a new or empty directory")
-    if files.recorded() is None and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        raise UserError(
-            f"--output {out}: is not empty ({shown}) and not a philora run, so philora will neither write into it "
-            "nor remove anything there; choose another --output, a new or empty directory"
-        )
-    existing = files.written()
-    if existing and not overwrite:
-        held = ", ".join(dict.fromkeys(p.relative_to(out).parts[0] for p in existing))
-        if checkpoint.checkpoints(out):
-            raise UserError(
-                f"--output {out}: already holds a run ({held}); continue it with --resume, choose another --output, "
-                "or set training_config.overwrite_output_dir: true to replace it"
-            )
-        if any(p == files.adapter or files.adapter in p.parents for p in existing):
-            raise UserError(
-                f"--output {out}: already holds a finished run ({held}); choose another --output, or set "
-                "training_config.overwrite_output_dir: true to replace it"
-            )
-        raise UserError(
-            f"--output {out}: holds a run that stopped before its first checkpoint ({held}), so there is nothing to "
-            "resume and nothing is lost by starting it again: set training_config.overwrite_output_dir: true, or "
-            "choose another --output"
-        )
-    files.remove_written()
-    files.write_manifest(files.run_names())
 
 
 def mixed_precision(tc: TrainingSection, dev: torch.device) -> str:
