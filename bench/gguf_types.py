@@ -37,15 +37,16 @@ def main() -> int:
         subprocess.run([*philora, "merge", "--adapter", str(run), "--output", str(merged)], check=True)
         for qtype in args.types:
             path = Path(folder) / f"{qtype}.gguf"
-            command = [*philora, "export", "gguf", "--model", str(merged), "--output", str(path), "--type", qtype]
+            command = [*philora, "export", "gguf", "--merged", str(merged), "--output", str(path), "--type", qtype]
             subprocess.run(command, check=True)
             record = json.loads(path.with_suffix(".export.json").read_text())
             answers = answer_all(path, None, samples, max_new)
             rows.append((qtype, record, *scores(answers, samples)))
         # The adapter alone as GGUF LoRA, on an f16 GGUF of the base, against the merged model's f16 file.
         base, lora = Path(folder) / "base-f16.gguf", Path(folder) / "lora.gguf"
-        subprocess.run([*philora, "export", "gguf", "--model", base_dir(run), "--output", str(base)], check=True)
-        command = [*philora, "export", "gguf-lora", "--adapter", str(run), "--base", str(base), "--output", str(lora)]
+        subprocess.run([*philora, "export", "gguf", "--base", base_dir(run), "--output", str(base)], check=True)
+        command = [*philora, "export", "gguf-lora", "--adapter", str(run), "--base-gguf", str(base)]
+        command += ["--output", str(lora)]
         subprocess.run(command, check=True)
         record = json.loads(lora.with_suffix(".export.json").read_text())
         answers = answer_all(base, lora, samples, max_new)

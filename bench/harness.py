@@ -98,6 +98,7 @@ def run_philora(run: Run, out: Path) -> dict:
         "training_config.logging_steps": 1,
         "training_config.save_steps": 10_000,
         "training_config.predict_with_generate": False,
+        "training_config.do_eval": False,  # timed steps only: no eval loss pass at the end
         "training_config.bf16": run.dtype == "bfloat16",
         "training_config.seed": 0,
     }

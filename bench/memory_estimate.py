@@ -42,7 +42,8 @@ def estimated(config: str, settings: list[str]) -> dict:
 def measured(config: str, settings: list[str], out: Path) -> float:
     """Peak memory of a real 2-step run (bytes), no evaluation, no checkpoints."""
     quiet = ["training_config.max_steps=2", "training_config.predict_with_generate=false",
-             "training_config.eval_strategy=no", "training_config.save_strategy=no"]  # fmt: skip
+             "training_config.do_eval=false", "training_config.eval_strategy=no",
+             "training_config.save_strategy=no"]  # fmt: skip
     command = [sys.executable, "-m", "philora", "train", "--config", config, "--output", str(out),
                *_sets(quiet + settings)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)

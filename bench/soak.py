@@ -173,7 +173,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str, 
     command = [sys.executable, "-m", "philora", "serve", "--host", "127.0.0.1", "--port", "0",
                "--max-new-tokens", "32"]  # fmt: skip
     if args.model:
-        command += ["--model", args.model]
+        command += ["--base", args.model]
     if args.adapter:
         command += ["--adapter", f"tuned={args.adapter}"]
     environment = {**os.environ, "PHILORA_API_KEY": KEY}

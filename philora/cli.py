@@ -9,8 +9,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from philora import __version__
+from philora import __version__, progress
 from philora.errors import UserError
+from philora.flags import Deprecated, Typed
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")  # GGUF export, see philora.export.command
 
@@ -52,6 +53,22 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        _verbosity_args(self)
+
+
+VERBOSITY_FLAGS = (
+    ("-q", "--quiet", progress.QUIET, "only warnings, errors and results: no progress, no notices"),
+    ("-v", "--verbose", progress.VERBOSE, "also the libraries' own logs, and train's full data report"),
+)
+
+
+def _verbosity_args(p: argparse.ArgumentParser) -> None:
+    """-q/-v on every parser, so `philora -q train` and `philora train -q` both work. No default (SUPPRESS): a
+    subcommand's parser would otherwise overwrite what the top-level one read; main() reads it as progress.NORMAL."""
+    say = p.add_mutually_exclusive_group()
+    for short, long, level, text in VERBOSITY_FLAGS:
+        say.add_argument(short, long, dest="verbosity", action="store_const", const=level, default=argparse.SUPPRESS,
+                         help=text)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,7 +99,9 @@ def parser() -> argparse.ArgumentParser:
     preflight.add_argument("--time", action="store_true", help="also time a few real steps and estimate the run's ETA")
     preflight.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    config = sub.add_parser("config", help="print the resolved config, every field with its meaning")
+    config = sub.add_parser(
+        "config", help="print the resolved config: every field with its value, where it came from and its meaning"
+    )
     _config_args(config)
 
     data = sub.add_parser("data", help="inspect training data").add_subparsers(
@@ -94,11 +113,29 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE", help="file, folder, saved datasets dir or hub id (owner/name:split)")
     _config_args(check)
-    check.add_argument("--model", metavar="M", help="tokenizer of this model (model.name_or_path)")
+    # dest `model`: run() makes it the model.name_or_path override, as for a config's own value
+    check.add_argument("--base", dest="model", action=Typed, metavar="M",
+                       help="the tokenizer of this base model dir or hub id (model.name_or_path)")  # fmt: skip
+    check.add_argument("--model", dest="model", action=Deprecated, use="--base", help=argparse.SUPPRESS)
     _trust_arg(check)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _init_command(sub)
     _after_training_commands(sub)
     return p
+
+
+def _init_command(sub: Any) -> None:
+    init = sub.add_parser(
+        "init",
+        help="write a commented starter config for your data on this machine (format, columns, max_length, batch, "
+        "steps and evaluation chosen for it)",
+    )
+    init.add_argument("data", metavar="DATA", help="your training data: file, folder, saved datasets dir or hub id")
+    init.add_argument("--eval", metavar="FILE", help="held-out data (default: 10%% of DATA from 100 conversations)")
+    init.add_argument("--base", metavar="M", help="base model dir or hub id (default: the embedded model)")
+    init.add_argument("--output", metavar="FILE", help="the config to write (default: DATA's name with .yaml)")
+    init.add_argument("--force", action="store_true", help="replace --output if it exists")
+    _trust_arg(init)
 
 
 def _adapter_and_model(p: argparse.ArgumentParser, *, many: bool = False) -> None:
@@ -113,7 +150,8 @@ def _adapter_and_model(p: argparse.ArgumentParser, *, many: bool = False) -> Non
         )
     else:
         p.add_argument("--adapter", metavar="DIR", help="a run's adapter/ dir (or the run dir)")
-    p.add_argument("--model", metavar="M", help="base model dir or hub id (default: the adapter's own base)")
+    p.add_argument("--base", action=Typed, metavar="M", help="base model dir or hub id (default: the adapter's base)")
+    p.add_argument("--model", dest="base", action=Deprecated, use="--base", help=argparse.SUPPRESS)
     _trust_arg(p)
     p.add_argument(
         "--dtype",
@@ -152,9 +190,15 @@ def _after_training_commands(sub: Any) -> None:
         choices=["gguf", "ollama", "gguf-lora"],
         help="gguf: one .gguf file; ollama: a dir with the GGUF and a Modelfile; gguf-lora: an adapter as GGUF",
     )
-    export.add_argument("--model", metavar="DIR", help="gguf/ollama: a merged model dir; gguf-lora: the base")
-    export.add_argument("--adapter", metavar="DIR", help="gguf-lora: the adapter (or its run dir)")
-    export.add_argument("--base", metavar="FILE", help="gguf-lora: check it on this base GGUF (default: an f16 one)")
+    merged = "gguf/ollama: a merged model dir (philora merge --output), or any full model dir"
+    export.add_argument("--merged", action=Typed, metavar="DIR", help=merged)
+    export.add_argument("--adapter", action=Typed, metavar="DIR", help="gguf-lora: the adapter (or its run dir)")
+    base = "gguf-lora: the adapter's base, dir or hub id (default: its own); gguf/ollama: a base model dir as it is"
+    export.add_argument("--base", action=Typed, metavar="M", help=base)
+    base_gguf = "gguf-lora: check it on this base GGUF (default: an f16 GGUF of the base, written for the check)"
+    export.add_argument("--base-gguf", action=Typed, metavar="FILE", help=base_gguf)
+    # the last release's --model: a merged dir for gguf/ollama, the base for gguf-lora; export.command resolves it
+    export.add_argument("--model", dest="old_model", action=Typed, help=argparse.SUPPRESS)
     export.add_argument("--output", metavar="PATH", required=True, help="the .gguf file (gguf) or a directory (ollama)")
     # any case: llama.cpp's own names are upper case (Q4_K_M); choices are checked after the lowering
     export.add_argument(
@@ -199,7 +243,10 @@ def _after_training_commands(sub: Any) -> None:
     )
 
     push = sub.add_parser("push", help="upload an adapter or merged model with its model card to the Hugging Face Hub")
-    push.add_argument("dir", metavar="DIR", help="a run dir (its adapter/ and run records), an adapter or a merged dir")
+    push.add_argument("--adapter", action=Typed, metavar="DIR", help="a run dir (adapter/, run records) or an adapter")
+    push.add_argument("--merged", action=Typed, metavar="DIR", help="a merged model dir (philora merge --output)")
+    # the last release's positional DIR: export.push reads it as --adapter or --merged by what the dir holds
+    push.add_argument("dir", nargs="?", help=argparse.SUPPRESS)
     push.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the model repo (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its own)")
     push.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
@@ -209,6 +256,7 @@ def _after_training_commands(sub: Any) -> None:
 
 # Commands that take no config file: each module's main(args) returns the exit status.
 AFTER_TRAINING = {
+    "init": "philora.preflight.starter",
     "eval": "philora.eval.command",
     "merge": "philora.export.merge",
     "export": "philora.export.command",
@@ -225,27 +273,36 @@ def run(args: argparse.Namespace) -> int:
         return importlib.import_module(AFTER_TRAINING[args.command]).main(args)
     from philora.config import dump_documented, load_config
 
-    overrides = list(args.overrides)
-    if getattr(args, "output", None):
-        overrides.append(f"training_config.output_dir={args.output}")
-    if getattr(args, "model", None):
-        overrides.append(f"model.name_or_path={args.model}")
+    # flags that set a config value, named as typed in messages and in `philora config`'s origins
+    from philora.flags import typed
+
+    flags = [(flag, key, value) for flag, key, value in (
+        ("--output", "training_config.output_dir", getattr(args, "output", None)),
+        (typed(args, "model", "--model"), "model.name_or_path", getattr(args, "model", None))) if value]  # fmt: skip
     # `philora config` loads no model: it shows the file's trust_remote_code as it is (None: neither grant nor refuse)
-    config = load_config(args.config, overrides, getattr(args, "trust_remote_code", None))
+    config = load_config(args.config, args.overrides, getattr(args, "trust_remote_code", None), flags)
     if args.command == "config":
-        print(dump_documented(config), end="")
+        print(dump_documented(config, demo=args.config is None), end="")
         return 0
     if args.command == "check":
+        from philora.model.load import without_bitsandbytes
         from philora.preflight.command import check
         from philora.train.trial import measure
 
-        return check(config, measure if args.time else None, as_json=args.json)
+        with without_bitsandbytes(config.model.quantization is None):  # as train: its import only logs noise here
+            return check(config, measure if args.time else None, as_json=args.json)
     if args.command == "data":
+        from philora.config.relative import require_data
         from philora.data.check import check
-        from philora.model.load import load_tokenizer
+        from philora.model.load import CONFIG_KEY, load_tokenizer, named_by
+        from philora.preflight.command import model_context
 
-        # reading data pads nothing: no notice about the pad token before the report
-        return check(config, args.file, load_tokenizer(config.model, say_pad=False), as_json=args.json)
+        # reading data pads nothing: no notice about the pad token before the report; a model that cannot load is
+        # named by the flag typed (--base, or the old --model), else by the config key
+        require_data("FILE", args.file)  # before the tokenizer loads: a mistyped path fails in a moment
+        with named_by(typed(args, "model", CONFIG_KEY)):
+            tokenizer = load_tokenizer(config.model, say_pad=False)
+        return check(config, args.file, tokenizer, as_json=args.json, context=model_context(config))
     from philora.train.run import train
 
     train(config, resume=args.resume)
@@ -258,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         commands.print_help()
         return 0
+    progress.set_verbosity(getattr(args, "verbosity", progress.NORMAL))  # -q/-v, per command
     # peft calls a transformers method that v5 renamed; the warning is theirs, not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:

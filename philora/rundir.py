@@ -59,6 +59,10 @@ class RunDir:
     def base_answers(self) -> Path:  # the base model's answers to the eval prompts, before training
         return self.root / "base-answers.json"
 
+    @property
+    def data_report(self) -> Path:  # the data report in full (train prints it in one line)
+        return self.root / "data-report.txt"
+
     def reference(self, split: str) -> Path:  # dpo: the reference log-probabilities of the train or eval pairs
         return self.root / f"reference-{split}.npy"
 
@@ -87,6 +91,7 @@ class RunDir:
             self.record,
             self.loss_plot,
             self.base_answers,
+            self.data_report,
             *references,
             *(folder / name for folder in (self.root, self.eval_output) for name in EVAL_FILES),
             self.tensorboard / "events.out.tfevents.*",  # TensorBoard's, when logging_dir is the default

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,3 +259,41 @@ class ScriptedModel(torch.nn.Module):
         logits = self.logits.clone()
         logits[0, -1, self.steps.popleft()] = 0.0  # probability 1, sampled or not
         return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any tokenizer, config or model load (or the embedded model's conversion) fails the test."""
+    import transformers
+
+    from philora.model import embedded
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("loaded a model before checking its path")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", load)
+    monkeypatch.setattr(embedded, "embedded_model_dir", load)
+
+
+def chromium() -> str:
+    """Debian's headless Chromium (CI installs it and sets PHILORA_REQUIRE_CHROMIUM=1, so there it never skips)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("PHILORA_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("PHILORA_REQUIRE_CHROMIUM=1 but no chromium on PATH")
+        pytest.skip("chromium is not installed")
+    return path
+
+
+def browse(page: Path, tmp: Path, *mode: str, fragment: str = "") -> str:
+    """Run headless Chromium on a file (at `fragment`), with flags that keep it off the network (it hangs on lookups
+    without them); its stdout."""
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp / 'chromium-profile'}", *mode, page.as_uri() + fragment,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=tmp)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -161,16 +161,21 @@ def test_merge_writes_a_card_of_the_merged_model(tiny_run: Path, tiny_merged: Pa
     for row in metric_rows(evaluation):
         assert f"| {row['label']} | {format_value(row['kind'], row['before'])} | " in text
     assert f'AutoModelForCausalLM.from_pretrained("{tiny_merged}")' in text
-    assert f"philora export gguf --model {tiny_merged} --output model.gguf" in text
+    assert f"philora export gguf --merged {tiny_merged} --output model.gguf" in text
     assert "PeftModel" not in text
     run = json.loads((tiny_run / "run.json").read_text())
     assert merge["adapter"] == str(tiny_run / "adapter") and run["data"]["fingerprint"] in text
     assert card.model_card(tiny_merged) == text  # made again from elsewhere, it still finds the run
 
 
+def kind_of(directory: Path) -> str:
+    """The flag that names `directory` to push: --merged for a merge's output, --adapter for a run or adapter."""
+    return "--merged" if (directory / "merge.json").is_file() else "--adapter"
+
+
 def dry_run(capsys: pytest.CaptureFixture[str], directory: Path, *args: str) -> dict[str, int]:
     """{path in repo: size} from `philora push --dry-run`, checking the total line."""
-    assert cli.main(["push", str(directory), "--repo", REPO, "--dry-run", *args]) == 0
+    assert cli.main(["push", kind_of(directory), str(directory), "--repo", REPO, "--dry-run", *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"{REPO} (created ")
     rows = [re.fullmatch(r"\s*([\d,]+)  (\S+)(  \(model card made for this repo\))?", line) for line in lines[1:-1]]
@@ -220,13 +225,13 @@ def test_push_dry_run_of_a_merged_dir_and_refusal_of_a_failed_merge(
     shutil.copytree(tiny_merged, failed)
     record = json.loads((failed / "merge.json").read_text())
     (failed / "merge.json").write_text(json.dumps({**record, "passed": False}))
-    assert cli.main(["push", str(failed), "--repo", REPO, "--dry-run"]) == 2
+    assert cli.main(["push", "--merged", str(failed), "--repo", REPO, "--dry-run"]) == 2
     assert "failed its parity check (passed: false)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("repo", ["tiny-contacts", "ana/tiny/contacts", "ana/tiny contacts", "ana/tiny--x"])
 def test_a_bad_repo_id_exits_2_with_one_line(tiny_run: Path, capsys: pytest.CaptureFixture[str], repo: str) -> None:
-    assert cli.main(["push", str(tiny_run), "--repo", repo, "--dry-run"]) == 2
+    assert cli.main(["push", "--adapter", str(tiny_run), "--repo", repo, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--repo {repo}: not a Hub model repo id; give owner/name" in err
 
@@ -241,7 +246,7 @@ def test_push_without_a_token_exits_2_naming_the_fix(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     no_token(monkeypatch, tmp_path)
-    assert cli.main(["push", str(tiny_run), "--repo", REPO]) == 2
+    assert cli.main(["push", "--adapter", str(tiny_run), "--repo", REPO]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert "no Hugging Face token" in captured.err and "hf auth login" in captured.err and "HF_TOKEN" in captured.err
@@ -340,8 +345,9 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[StandInHub]
 def test_push_commits_exactly_the_listed_files_to_the_hub(
     tiny_run: Path, hub: StandInHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    planned = {u.path_in_repo: u for u in push.plan(tiny_run, REPO)}
-    args = ["push", str(tiny_run), "--repo", REPO, "--private", "--revision", "contacts-v1", "--message", "tiny run"]
+    planned = {u.path_in_repo: u for u in push.plan(tiny_run, REPO, "--adapter", "adapter")}
+    args = ["push", "--adapter", str(tiny_run), "--repo", REPO, "--private", "--revision", "contacts-v1"]
+    args += ["--message", "tiny run"]
     assert cli.main(args) == 0
     assert hub.repos[REPO]["visibility"] == "private"
     (commit,) = hub.commits
@@ -361,7 +367,7 @@ def test_a_push_the_hub_refuses_exits_2(
     tiny_run: Path, hub: StandInHub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    assert cli.main(["push", str(tiny_run), "--repo", REPO]) == 2
+    assert cli.main(["push", "--adapter", str(tiny_run), "--repo", REPO]) == 2
     err = capsys.readouterr().err
     assert f"--repo {REPO}: the Hub refused the push (401" in err and "Traceback" not in err
     assert hub.repos == {}
@@ -372,7 +378,7 @@ def test_a_card_whose_metadata_the_hub_rejects_exits_2(
 ) -> None:
     adapter = copy_run(tiny_run, tmp_path) / "adapter"
     (adapter / "README.md").write_text(f"---\nbase_model: {tmp_path}/base\n---\n# mine\n")
-    assert cli.main(["push", str(adapter), "--repo", REPO]) == 2
+    assert cli.main(["push", "--adapter", str(adapter), "--repo", REPO]) == 2
     err = capsys.readouterr().err
     assert f'the Hub rejects the metadata of README.md ("base_model" with value "{tmp_path}/base"' in err
     assert hub.commits == []

@@ -166,7 +166,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_phi3: Path, tiny_dat
     """A whole 4-step run of the tiny Phi-3 with checkpoints after steps 1, 2 and 3."""
     base = tmp_path_factory.mktemp("finished")
     path = tiny_config(base, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=4, save_steps=1,
-                       eval_strategy="no", logging_steps=1)  # fmt: skip
+                       eval_strategy="no", do_eval=False, logging_steps=1)  # fmt: skip
     assert cli.main(["train", "--config", str(path), "--output", str(base / "run")]) == 0
     return base
 

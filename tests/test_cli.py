@@ -1,11 +1,10 @@
 """The command line itself: bare `philora` and every `--help`, flag spellings, and errors that name what the user
-typed (--model, an adapter's base) before anything slow loads; the pad-token notice said once."""
+typed (--base, an adapter's base) before anything slow loads; the pad-token notice said once."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -50,15 +49,15 @@ def test_every_help_shows_the_defaults_and_never_a_missing_one(capsys: pytest.Ca
 @pytest.mark.parametrize("spelling", ["q4_K_M", "Q8_0", "BF16"])
 def test_gguf_types_are_case_insensitive(spelling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for fmt in ("gguf", "ollama"):
-        args = cli.parser().parse_args(["export", fmt, "--model", "m", "--output", "o", "--type", spelling])
+        args = cli.parser().parse_args(["export", fmt, "--merged", "m", "--output", "o", "--type", spelling])
         assert args.type == spelling.lower() and args.type in cli.GGUF_TYPES
     missing = tmp_path / "missing"
-    assert cli.main(["export", "gguf", "--model", str(missing), "--output", "x.gguf", "--type", spelling]) == 2
+    assert cli.main(["export", "gguf", "--merged", str(missing), "--output", "x.gguf", "--type", spelling]) == 2
     assert capsys.readouterr().err == (
-        f"philora: error: --model {missing}: no such directory; give a merged model dir (philora merge --output)\n"
+        f"philora: error: --merged {missing}: no such directory; give a merged model dir (philora merge --output)\n"
     )
     with pytest.raises(SystemExit):
-        cli.parser().parse_args(["export", "gguf", "--model", "m", "--output", "o", "--type", "q3_k_m"])
+        cli.parser().parse_args(["export", "gguf", "--merged", "m", "--output", "o", "--type", "q3_k_m"])
     assert "invalid choice: 'q3_k_m'" in capsys.readouterr().err
 
 
@@ -69,21 +68,6 @@ def test_gguf_types_are_case_insensitive(spelling: str, tmp_path: Path, capsys: 
 def adapter(tiny_adapter: Path) -> Path:
     """An adapter from elsewhere (no run.json): adapter_config.json names tiny_phi3 as its base."""
     return tiny_adapter
-
-
-@pytest.fixture
-def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any tokenizer, config or model load (or the embedded model's conversion) fails the test."""
-    import transformers
-
-    from philora.model import embedded
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("loaded a model before checking its path")
-
-    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
-        monkeypatch.setattr(cls, "from_pretrained", load)
-    monkeypatch.setattr(embedded, "embedded_model_dir", load)
 
 
 def command_lines(adapter: Path, out: Path) -> dict[str, list[str]]:
@@ -110,8 +94,8 @@ def test_a_bad_model_path_names_the_flag_before_anything_loads(
         (str(file), " is a file; give the model's directory"),
         (str(bare), " has no config.json; is it a Hugging Face model directory?"),
     ]:
-        assert cli.main([*command_lines(adapter, tmp_path)[command], "--model", model]) == 2
-        assert capsys.readouterr().err == f"philora: error: --model {model}{problem}\n", (command, model)
+        assert cli.main([*command_lines(adapter, tmp_path)[command], "--base", model]) == 2
+        assert capsys.readouterr().err == f"philora: error: --base {model}{problem}\n", (command, model)
 
 
 def test_a_missing_base_is_named_as_the_adapters(

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import struct
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, tiny_config
+from conftest import browse, read_jsonl, tiny_config
 
 from philora import cli
 from philora.eval import metrics, report, table
@@ -257,27 +255,6 @@ class Dom(HTMLParser):
             self.title += data
         if self._in and self._in[-1] == "pre":
             self.texts.append(data)
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("PHILORA_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("PHILORA_REQUIRE_CHROMIUM=1 but no chromium on PATH")
-        pytest.skip("chromium is not installed")
-    return path
-
-
-def browse(page: Path, tmp: Path, *mode: str) -> str:
-    """Run headless Chromium on a file; flags that keep it off the network (it hangs on lookups without them)."""
-    command = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp / 'chromium-profile'}", *mode, page.as_uri(),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=tmp)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def test_report_renders_in_chromium_with_its_numbers_plot_and_escaped_text(

@@ -35,7 +35,7 @@ def run_export(*args: str) -> int:
 @pytest.fixture(scope="module")
 def embedded_ollama(embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     out = tmp_path_factory.mktemp("ollama") / "smollm2"
-    return out, run_export("ollama", "--model", str(embedded_dir), "--output", str(out), "--type", "f16")
+    return out, run_export("ollama", "--merged", str(embedded_dir), "--output", str(out), "--type", "f16")
 
 
 def test_f16_gguf_reads_back_as_the_embedded_model(embedded_ollama: tuple[Path, int]) -> None:
@@ -164,7 +164,7 @@ def test_sentencepiece_phi3_tokenizer_exports_as_llama_vocab(
 ) -> None:
     model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model")
     out = tmp_path / "ollama"
-    assert run_export("ollama", "--model", str(model), "--output", str(out), "--type", "q8_0") == 0
+    assert run_export("ollama", "--merged", str(model), "--output", str(out), "--type", "q8_0") == 0
     assert "GGUF q8_0 in llama.cpp" in capsys.readouterr().err
     record = json.loads((out / "export.json").read_text())
     assert record["passed"] and record["tokenizer_identical"] and record["tokenizer_model"] == "llama"
@@ -212,7 +212,7 @@ def test_byte_level_tokenizer_splitting_digits_exports_as_smollm(tmp_path: Path)
     tokenizer.save_pretrained(model)
     tiny_spm_phi3(model, model, vocab_size=640)
     out = tmp_path / "digits.gguf"
-    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 0
+    assert run_export("gguf", "--merged", str(model), "--output", str(out)) == 0
     record = json.loads(out.with_suffix(".export.json").read_text())
     assert record["passed"] and record["tokenizer_identical"] and record["tokenizer_pre"] == "smollm"
     metadata, _ = read_metadata(out)
@@ -235,7 +235,7 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(
     tokenizer.backend_tokenizer.normalizer = None
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=False)
     tokenizer.save_pretrained(model)
-    assert run_export("gguf", "--model", str(model), "--output", str(tmp_path / "m.gguf")) == 2
+    assert run_export("gguf", "--merged", str(model), "--output", str(tmp_path / "m.gguf")) == 2
     err = capsys.readouterr().err
     assert "Metaspace" in err and difference in err
     assert not (tmp_path / "m.gguf").exists()
@@ -264,7 +264,7 @@ def test_longrope_models_agree_with_llama_cpp_past_the_original_context(
             range(half)], "partial_rotary_factor": config.pop("partial_rotary_factor", 1.0)}  # fmt: skip
     model = tiny_spm_phi3(spm_tokenizer, tmp_path / "model", rope_parameters=rope, **LONG_CONTEXT, **config)
     out = tmp_path / "long.gguf"
-    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 0, shape
+    assert run_export("gguf", "--merged", str(model), "--output", str(out)) == 0, shape
     record = json.loads(out.with_suffix(".export.json").read_text())
     long = record["long_context"]
     assert record["passed"] and long["from"] == 256 and long["positions"] == 64 and long["relative"] <= 1e-2
@@ -296,7 +296,7 @@ def test_long_context_check_catches_wrong_long_factors(
 
     monkeypatch.setattr(gguf_export, "rope_tensors", short_as_long)
     out = tmp_path / "wrong.gguf"
-    assert run_export("gguf", "--model", str(model), "--output", str(out)) == 1
+    assert run_export("gguf", "--merged", str(model), "--output", str(out)) == 1
     record = json.loads(out.with_suffix(".export.json").read_text())
     assert record["parity"]["relative"] <= 1e-2 and record["long_context"]["relative"] > 0.1
 
@@ -311,7 +311,7 @@ def test_verification_catches_a_wrong_tensor_and_a_wrong_tokenizer(
         return real_encode(tensor * 1.05 if tensor.ndim == 2 else tensor, qtype)
 
     monkeypatch.setattr(gguf_export, "encode", scaled)
-    assert run_export("gguf", "--model", str(model), "--output", str(tmp_path / "a.gguf")) == 1
+    assert run_export("gguf", "--merged", str(model), "--output", str(tmp_path / "a.gguf")) == 1
     record = json.loads((tmp_path / "a.export.json").read_text())
     assert not record["passed"] and record["tokenizer_identical"] and record["parity"]["relative"] > 1e-2
 
@@ -322,7 +322,7 @@ def test_verification_catches_a_wrong_tensor_and_a_wrong_tokenizer(
 
     monkeypatch.setattr(gguf_export, "encode", real_encode)
     monkeypatch.setattr(gguf_vocab, "_sentencepiece_vocab", reversed_merges)
-    assert run_export("gguf", "--model", str(model), "--output", str(tmp_path / "b.gguf")) == 1
+    assert run_export("gguf", "--merged", str(model), "--output", str(tmp_path / "b.gguf")) == 1
     record = json.loads((tmp_path / "b.export.json").read_text())
     assert not record["tokenizer_identical"] and record["tokenizer_mismatch"]
 
@@ -338,15 +338,15 @@ def test_an_unsupported_architecture_and_bad_paths_are_refused(
     (tmp_path / "taken.gguf").write_text("")
     cases = [
         (
-            ["gguf", "--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")],
+            ["gguf", "--merged", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")],
             "a gpt2 model; GGUF export supports Phi-3/Phi-3.5/Phi-4-mini (phi3), Llama and Mistral (llama), Qwen2",
         ),
         (["gguf-lora", "--model", str(tiny_phi3), "--output", str(tmp_path / "x.gguf")], "give --adapter DIR"),
-        (["gguf", "--adapter", str(tmp_path), "--output", str(tmp_path / "x.gguf")], "give --model DIR"),
-        (["gguf", "--model", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.gguf")], "merge it first"),
-        (["gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "x.bin")], "ending in .gguf"),
-        (["gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "taken.gguf")], "exists"),
-        (["ollama", "--model", str(tiny_phi3), "--output", str(tmp_path)], "not an empty directory"),
+        (["gguf", "--adapter", str(tmp_path), "--output", str(tmp_path / "x.gguf")], "give --merged DIR"),
+        (["gguf", "--merged", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.gguf")], "merge it first"),
+        (["gguf", "--merged", str(tiny_phi3), "--output", str(tmp_path / "x.bin")], "ending in .gguf"),
+        (["gguf", "--merged", str(tiny_phi3), "--output", str(tmp_path / "taken.gguf")], "exists"),
+        (["ollama", "--merged", str(tiny_phi3), "--output", str(tmp_path)], "not an empty directory"),
     ]
     for args, message in cases:
         assert run_export(*args) == 2, args

@@ -59,7 +59,7 @@ def test_other_architectures_agree_in_llama_cpp(
     embedded_tokenizer: Path, tmp_path: Path, kind: str, config: dict, arch: str
 ) -> None:
     model = tiny(kind, embedded_tokenizer, tmp_path / "model", **config)
-    status, record = export("gguf", "--model", str(model), "--output", str(tmp_path / "m.gguf"))
+    status, record = export("gguf", "--merged", str(model), "--output", str(tmp_path / "m.gguf"))
     assert status == 0 and record["passed"] and record["architecture"] == arch
     assert record["tokenizer_identical"] and record["parity"]["top1_agreement"] >= 0.98
     assert record["parity"]["relative"] <= 1e-2
@@ -71,7 +71,7 @@ def test_llama_without_the_rotary_row_order_fails_in_llama_cpp(
     """The check can fail: Llama's q/k rows written in transformers' order give llama.cpp other logits."""
     model = tiny("llama", embedded_tokenizer, tmp_path / "model")
     monkeypatch.setattr(layouts, "permute_rotary", lambda weight, heads: weight)
-    status, record = export("gguf", "--model", str(model), "--output", str(tmp_path / "m.gguf"))
+    status, record = export("gguf", "--merged", str(model), "--output", str(tmp_path / "m.gguf"))
     assert status == 1 and not record["passed"] and record["parity"]["relative"] > 1e-2
 
 
@@ -118,7 +118,7 @@ def test_gguf_lora_on_a_base_gguf_matches_base_plus_adapter(
     model = tiny(kind, embedded_tokenizer, tmp_path / "model")
     adapter = save_adapter(model, tmp_path / "adapter", targets, **lora)
     out = tmp_path / "adapter.gguf"
-    status, record = export("gguf-lora", "--adapter", str(adapter), "--model", str(model), "--output", str(out))
+    status, record = export("gguf-lora", "--adapter", str(adapter), "--base", str(model), "--output", str(out))
     assert status == 0 and record["passed"] and record["base_type"] == "f16"
     assert record["parity"]["top1_agreement"] >= 0.98 and record["parity"]["relative"] <= 1e-2
     import gguf
@@ -131,13 +131,13 @@ def test_gguf_lora_on_a_base_gguf_matches_base_plus_adapter(
 
 
 def test_gguf_lora_is_checked_on_the_users_quantized_base(embedded_tokenizer: Path, tmp_path: Path) -> None:
-    """--base: the check runs on the user's own base GGUF, judged by that file's type (here q8_0)."""
+    """--base-gguf: the check runs on the user's own base GGUF, judged by that file's type (here q8_0)."""
     model = tiny("phi3", embedded_tokenizer, tmp_path / "model")
     adapter = save_adapter(model, tmp_path / "adapter", ["qkv_proj", "down_proj"])
     base = tmp_path / "base.gguf"
-    assert export("gguf", "--model", str(model), "--output", str(base), "--type", "q8_0")[0] == 0
+    assert export("gguf", "--merged", str(model), "--output", str(base), "--type", "q8_0")[0] == 0
     status, record = export(
-        "gguf-lora", "--adapter", str(adapter), "--base", str(base), "--output", str(tmp_path / "a.gguf")
+        "gguf-lora", "--adapter", str(adapter), "--base-gguf", str(base), "--output", str(tmp_path / "a.gguf")
     )
     assert status == 0 and record["base_type"] == "q8_0" and record["base_gguf"] == str(base)
 
@@ -156,7 +156,7 @@ def test_quantized_types_of_the_embedded_model_pass_llama_cpp(embedded_dir: Path
     import gguf
 
     out = tmp_path / f"{qtype}.gguf"
-    status, record = export("gguf", "--model", str(embedded_dir), "--output", str(out), "--type", qtype)
+    status, record = export("gguf", "--merged", str(embedded_dir), "--output", str(out), "--type", qtype)
     assert status == 0 and record["passed"]
     by_llama_cpp = qtype != "bf16"
     assert record["written_by"].startswith("llama.cpp llama_model_quantize") == by_llama_cpp
@@ -172,6 +172,6 @@ def test_a_file_llama_cpp_refuses_is_reported_with_its_reason(
 
     model = tiny("llama", embedded_tokenizer, tmp_path / "model")
     monkeypatch.setattr(vocab, "pre_tokenizer_name", lambda pre, normalizer: "no-such-split")
-    status, record = export("gguf", "--model", str(model), "--output", str(tmp_path / "m.gguf"))
+    status, record = export("gguf", "--merged", str(model), "--output", str(tmp_path / "m.gguf"))
     assert status == 1 and not record["passed"] and "no-such-split" in record["load_error"]
     assert "llama.cpp does not load it" in capsys.readouterr().err

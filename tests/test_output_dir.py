@@ -186,7 +186,7 @@ def test_export_writes_over_nothing_beside_its_file(
     from philora.export import command
 
     (tmp_path / "model.export.json").write_text("mine")
-    assert cli.main(["export", "gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "model.gguf")]) == 2
+    assert cli.main(["export", "gguf", "--merged", str(tiny_phi3), "--output", str(tmp_path / "model.gguf")]) == 2
     assert "model.export.json beside it exists and would be overwritten" in capsys.readouterr().err
     (tmp_path / "model.export.json").unlink()
 
@@ -197,5 +197,5 @@ def test_export_writes_over_nothing_beside_its_file(
     monkeypatch.setattr(command, "export", fail)
     (tmp_path / "Modelfile").write_text("mine")
     with pytest.raises(RuntimeError):
-        cli.main(["export", "gguf", "--model", str(tiny_phi3), "--output", str(tmp_path / "model.gguf")])
+        cli.main(["export", "gguf", "--merged", str(tiny_phi3), "--output", str(tmp_path / "model.gguf")])
     assert (tmp_path / "Modelfile").read_text() == "mine"

@@ -132,7 +132,7 @@ def test_data_check_reports_lengths_masks_and_a_highlighted_sample(
 ) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"messages": chat(1 + i % 4)}) + "\n" for i in range(40)))
-    args = ["data", "check", str(path), "--model", str(tiny_phi3), "--set", "data.max_length=200"]
+    args = ["data", "check", str(path), "--base", str(tiny_phi3), "--set", "data.max_length=200"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"data ← {path}: messages format, 40 rows, 0 rejected" in out

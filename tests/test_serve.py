@@ -303,7 +303,7 @@ def test_bad_flags_exit_2_before_the_model_loads(
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        assert cli.main(["serve", "--model", str(tiny_phi3), "--port", str(busy.getsockname()[1])]) == 2
+        assert cli.main(["serve", "--base", str(tiny_phi3), "--port", str(busy.getsockname()[1])]) == 2
     assert "cannot listen there" in capsys.readouterr().err
     assert cli.main(["serve", "--adapter", f"x={tmp_path / 'missing'}"]) == 2
     assert "no such directory" in capsys.readouterr().err

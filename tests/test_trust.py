@@ -123,9 +123,9 @@ def test_the_flag_lets_the_base_run_its_code_and_a_merge_keeps_needing_it(
     assert code_ran(base) and (merged / "trusttest.py").is_file()  # the merged model carries its base's code
     (tmp_path / "code-ran").unlink()
     capsys.readouterr()
-    assert cli.main(["export", "gguf", "--model", str(merged), "--output", str(tmp_path / "merged.gguf")]) == 2
+    assert cli.main(["export", "gguf", "--merged", str(merged), "--output", str(tmp_path / "merged.gguf")]) == 2
     assert capsys.readouterr().err == (
-        f"philora: error: --model {merged} needs its own Python code to load (auto_map in its config); pass "
+        f"philora: error: --merged {merged} needs its own Python code to load (auto_map in its config); pass "
         "--trust-remote-code if you trust it\n"
     )
     assert not code_ran(base) and not (tmp_path / "merged.gguf").exists()

@@ -78,11 +78,13 @@ class DataSection:
         "your field names for philora's, e.g. {prompt: question, completion: answer}; also role, content, "
         "from, value inside messages",
     )
-    max_length: int = doc(
-        2048,
-        "longest tokenised conversation (or packed row) in tokens",
-        check=lambda v: v >= 16,
-        fix="use at least 16 tokens",
+    max_length: int | None = doc(
+        None,
+        "longest tokenised conversation (or packed row) in tokens; null = auto: the p99 of the training samples' "
+        "lengths rounded up to a multiple of 64, at most the model's context and 4096 (rows as long as the longest "
+        "sample would cost every step memory and time for the 1% that need it; set a number to keep them whole)",
+        check=lambda v: v is None or v >= 16,
+        fix="use at least 16 tokens, or null to follow the data",
     )
     overlong: Literal["drop", "truncate", "split"] = doc(
         "truncate",
@@ -197,7 +199,11 @@ class TrainingSection:
     overwrite_output_dir: bool = doc(False, "allow writing over a finished run in output_dir")
     seed: int = doc(42, "seed for LoRA init, data order and dropout")
     num_train_epochs: float = doc(
-        1.0, "passes over the training data (fractions allowed)", check=lambda v: v > 0, fix="use a positive value"
+        3.0,
+        "passes over the training data (fractions allowed); 3 as in transformers' TrainingArguments: one pass over a "
+        "small dataset of your own rarely teaches a format, many more memorise it",
+        check=lambda v: v > 0,
+        fix="use a positive value",
     )
     max_steps: int = doc(
         -1,
@@ -262,7 +268,11 @@ class TrainingSection:
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = doc(
         "passive", "verbosity of library logs (passive = leave as is)"
     )
-    do_eval: bool = doc(False, "compute eval loss at the end (and per eval_strategy) when there is eval data")
+    do_eval: bool | None = doc(
+        None,
+        "compute eval loss at the end (and per eval_strategy); null = auto: true when the run has eval data "
+        "(data.eval, or the sample data's eval split) and no sft answers after training (which report it already)",
+    )
     eval_strategy: Literal["no", "steps", "epoch"] = doc("no", "when to compute eval loss during training")
     eval_steps: int | None = doc(
         None,
@@ -286,11 +296,17 @@ class TrainingSection:
         check=lambda v: v,
         fix="philora always keeps only the token columns; remove the key or set it to true",
     )
-    predict_with_generate: bool = doc(
-        False, "generate answers to the eval prompts before and after training and report exact match"
+    predict_with_generate: bool | None = doc(
+        None,
+        "generate answers to the eval prompts before and after training and report exact match beside the base "
+        "model's; null = auto: true when the run has eval data (data.eval, or the sample data's eval split)",
     )
-    generation_max_length: int = doc(
-        128, "new tokens per generated eval answer", check=lambda v: v >= 1, fix="use a value >= 1"
+    generation_max_length: int | None = doc(
+        None,
+        "new tokens per generated eval answer; null = auto: the longest reference answer of the eval data plus 16, "
+        "rounded up to 16 (at most 1024): room to score a nearly right answer, no minutes of rambling past it",
+        check=lambda v: v is None or v >= 1,
+        fix="use a value >= 1, or null for the longest reference answer plus 16",
     )
     run_name: str | None = doc(None, "a name recorded in run.json (and the run's name in wandb/mlflow)")
     report_to: str | list[str] = doc(
@@ -354,6 +370,12 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     peft_config: PeftSection = field(default_factory=PeftSection)
     training_config: TrainingSection = field(default_factory=TrainingSection)
+    # "section.key" -> where its value came from: default, FILE:LINE, --set, a flag (--output), auto (...).
+    # Not a setting: to_dict (run.json, a checkpoint's settings) leaves it out.
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, "default")

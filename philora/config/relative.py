@@ -9,6 +9,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from philora.config.fields import PACKAGED_CONFIGS, Config
+from philora.errors import UserError
 from philora.paths import SAMPLE_PREFIX, names_hub_dataset, names_hub_model
 
 
@@ -52,3 +53,36 @@ def _missing(where: str, key: str, value: str, folder: Path, config_name: str) -
         f"{where}: {key}: {value}: no such file or folder (looked in {folder}{os.sep}, beside {config_name}"
         f"{moved if Path(value).exists() else ''})"
     )
+
+
+def missing_data(config: Config) -> list[str]:
+    """data.train and data.eval naming a path with nothing there, one line each with the key, where the value came
+    from, the path tried and where a relative path is read from. load_config reported those a config file gives as
+    relative paths; this finds the rest (absolute ones, --set values) before anything slow loads."""
+    problems = []
+    for key in ("data.train", "data.eval"):
+        value = getattr(config.data, key.split(".")[1])
+        if isinstance(value, str) and value and not _other_data(value) and not Path(value).expanduser().exists():
+            origin = config.origin(key)
+            problems.append(missing_path(f"{origin}: {key}: {value}", value, _read_from(origin)))
+    return problems
+
+
+def missing_path(label: str, value: str, read_from: str) -> str:
+    """'LABEL: no such file or folder (tried /abs/VALUE; READ_FROM)' for a data path `value` with nothing there;
+    `read_from` says where a relative one is read from."""
+    tried = Path(os.path.abspath(Path(value).expanduser()))
+    where = "" if os.path.isabs(os.path.expanduser(value)) else f"; {read_from}"
+    return f"{label}: no such file or folder (tried {tried}{where})"
+
+
+def _read_from(origin: str) -> str:
+    if origin.startswith("-"):  # --set or a flag: typed where the command runs
+        return f"a path given with {origin} is read from the working directory, one in a config file from its folder"
+    return "a relative path in a config file is read from the file's folder"
+
+
+def require_data(what: str, spec: str) -> None:
+    """UserError where a data value typed on the command line (`what`, e.g. FILE) names a path with nothing there."""
+    if not _other_data(spec) and not Path(spec).expanduser().exists():
+        raise UserError(missing_path(f"{what} {spec}", spec, "a relative path is read from the working directory"))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from philora.config import DataSection
-from philora.data import cache
+from philora.config import Config, DataSection
+from philora.data import cache, lengths
 from philora.data.encode import Outcome, encode_all
 from philora.data.formats import (
     EXAMPLES,
@@ -47,6 +47,7 @@ class SourceData:
     digest: str
     from_cache: bool
     untrained: int = 0  # rejected rows with no trained token (every answer train: false)
+    length: lengths.LengthChoice | None = None  # what data.max_length: null chose from this source
 
 
 @dataclass
@@ -89,6 +90,11 @@ class PreparedData:
         """Hash of the sources' content, recorded in run.json."""
         return hashlib.sha256("".join(s.digest for s in self.sources).encode()).hexdigest()
 
+    @property
+    def length(self) -> lengths.LengthChoice | None:
+        """What data.max_length: null chose from the training data; None where it was set."""
+        return self.sources[0].length
+
 
 def source_specs(dc: DataSection, method: str = "sft") -> tuple[str, str | None]:
     """The train source and the eval source (None when eval is absent or a fraction of train). Without
@@ -111,8 +117,12 @@ def sample(spec: str) -> str:
     return str(path)
 
 
-def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) -> SourceData:
-    """Read, convert and encode one source, reusing the cached encoding of identical inputs."""
+def load_source(
+    spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder, context: int | None = None
+) -> SourceData:
+    """Read, convert and encode one source, reusing the cached encoding of identical inputs. With data.max_length
+    null (auto), the length is chosen from this source's samples and set in `dc` (so the eval source that follows,
+    the plan and run.json get the number); `context` is the model's, None to take the tokenizer's."""
     limit = row_limit(dc)
     source = read_source(sample(spec), purpose, limit)
     columns = Columns(dc.columns)
@@ -131,7 +141,10 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
     if any(c.tools for c in conversations):
         encoder.use_tools()  # before the cache key: a template given tools support is another template
     digest = source.digest.hexdigest()
-    settings = (dc.train_on, dc.max_length, dc.overlong, dc.train_on_reasoning)
+    # auto: encoded once with rows as long as auto may choose, then fitted to the length the samples call for
+    auto = dc.max_length is None
+    length = lengths.cap(context or getattr(encoder.tokenizer, "model_max_length", None)) if auto else dc.max_length
+    settings = (dc.train_on, length, dc.overlong, dc.train_on_reasoning)
     # the row limit decides which rows reach the encoder
     entry = cache.key(digest, formats, columns.mapping, cache.tokenizer_fingerprint(encoder.tokenizer), settings, limit)
     outcomes = cache.load(entry) if dc.cache else None
@@ -141,6 +154,10 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
         if dc.cache:
             cache.save(entry, outcomes)
     assert outcomes is not None
+    choice = None
+    if auto:
+        outcomes, choice = follow_data(conversations, outcomes, encoder, settings, dc.num_proc)
+        dc.max_length = choice.length
     found = iter(zip(conversations, outcomes, strict=True))
     records, problems = [], []
     for row in rows:
@@ -154,22 +171,48 @@ def load_source(spec: str, purpose: str, dc: DataSection, encoder: ChatEncoder) 
             records.append(Record(conversation, outcome))
     untrained = sum(o.fit == "untrained" for o in outcomes)
     described = "+".join(dict.fromkeys(formats))
-    return SourceData(spec, described, len(rows), records, problems, digest, from_cache, untrained)
+    return SourceData(spec, described, len(rows), records, problems, digest, from_cache, untrained, choice)
+
+
+def follow_data(
+    conversations: list[Conversation],
+    outcomes: list[Outcome],
+    encoder: ChatEncoder,
+    settings: tuple[str, int, str, bool],
+    num_proc: int | None,
+) -> tuple[list[Outcome], lengths.LengthChoice]:
+    """max_length auto: the length chosen from `outcomes` (encoded with rows of the cap, settings[1]), and the
+    outcomes at that length. Only the conversations it makes too long are encoded again: every other one comes out
+    the same at any length it fits."""
+    train_on, cap, overlong, reasoning = settings
+    choice = lengths.choose([len(s.input_ids) for o in outcomes for s in o.samples], cap)
+    again = [i for i, o in enumerate(outcomes) if o.problem is None
+             and (o.fit != "whole" or any(len(s.input_ids) > choice.length for s in o.samples))]  # fmt: skip
+    fitted = list(outcomes)
+    if again:
+        redone = encode_all([conversations[i] for i in again], encoder, (train_on, choice.length, overlong, reasoning),
+                            num_proc)  # fmt: skip
+        for i, outcome in zip(again, redone, strict=True):
+            fitted[i] = outcome
+    return fitted, replace(choice, cut=sum(o.fit in ("truncated", "split", "dropped") for o in fitted))
 
 
 def row_limit(dc: DataSection) -> int:
     """The most bytes a row may take before it is rejected unread: data.max_row_bytes, or by default 1 MiB or a
-    multiple of max_length, the larger."""
+    multiple of max_length (auto: of the longest it may choose), the larger."""
     if dc.max_row_bytes is not None:
         return dc.max_row_bytes
-    return max(ROW_BYTES_FLOOR, ROW_BYTES_PER_TOKEN * dc.max_length)
+    return max(ROW_BYTES_FLOOR, ROW_BYTES_PER_TOKEN * (dc.max_length or lengths.AUTO_CAP))
 
 
-def prepare(dc: DataSection, tokenizer: Any, seed: int, method: str = "sft") -> PreparedData:
-    """Train and eval data, every rejected row in `problems`; `require_usable` decides whether they stop the run."""
+def prepare(dc: DataSection, tokenizer: Any, seed: int, method: str = "sft", context: int | None = None
+            ) -> PreparedData:  # fmt: skip
+    """Train and eval data, every rejected row in `problems`; `require_usable` decides whether they stop the run.
+    data.max_length null (auto) is resolved here, from the training data, and set in `dc`; `context` is the model's
+    (None: the tokenizer's model_max_length)."""
     encoder = ChatEncoder(tokenizer)
     train_spec, eval_spec = source_specs(dc, method)
-    sources = [load_source(train_spec, "train", dc, encoder)]
+    sources = [load_source(train_spec, "train", dc, encoder, context)]
     train_records = sources[0].records
     eval_records = None
     if eval_spec is not None:
@@ -208,6 +251,21 @@ def require_usable(prepared: PreparedData, dc: DataSection, method: str = "sft")
                 f"data.{name}: {singles[0].conversation.source}: not a preference pair ({len(singles)} such rows); "
                 f"training_config.method: {method} learns from rows like {EXAMPLES['preference']}"
             )
+
+
+def resolve_generation_length(config: Config, prepared: PreparedData) -> str | None:
+    """training_config.generation_max_length: null (auto) set from the eval data's reference answers (lengths.py);
+    the line that says so, or None when the value was given or there is nothing to answer."""
+    tc = config.training_config
+    if tc.generation_max_length is not None:
+        return None
+    samples = prepared.eval.samples if prepared.eval is not None else []
+    if not samples:  # stays null: `philora eval --data` on this run's adapter takes it from its own data
+        return None
+    tc.generation_max_length, longest = lengths.answer_budget(samples)
+    why = f"auto: the longest reference answer is {longest} tokens, plus {lengths.ANSWER_MARGIN}"
+    config.origins["training_config.generation_max_length"] = why
+    return f"generation_max_length {tc.generation_max_length} ({why}; set it to choose)"
 
 
 def problem_lines(problems: list[str]) -> list[str]:

@@ -20,21 +20,24 @@ from philora.data.report import (
 )
 
 
-def check(config: Config, spec: str, tokenizer: Any, as_json: bool = False) -> int:
-    """Print the report for `spec` encoded with `tokenizer` (the config's model's); exit status 2 when any row is
-    rejected, so scripts can gate on it."""
+def check(config: Config, spec: str, tokenizer: Any, as_json: bool = False, context: int | None = None) -> int:
+    """Print the report for `spec` encoded with `tokenizer` (the config's model's, whose `context` bounds an auto
+    max_length); exit status 2 when any row is rejected, so scripts can gate on it."""
     dc = config.data
     encoder = ChatEncoder(tokenizer)
-    source = load_source(spec, "train", dc, encoder)
+    source = load_source(spec, "train", dc, encoder, context)  # max_length: null is chosen from this file
     split = Split(source.records)
     stats = split_stats(split, dc.max_length)
     first = shown_sample(split) if split.samples else None
     if as_json:
         sample = [{"text": t, "trained": trained} for t, trained in segments(first, encoder.tokenizer)] if first else []
-        record = {**source_stats(source), **stats, "problems": source.problems, "sample": sample}
+        length = {"max_length": dc.max_length, "auto": source.length is not None}
+        record = {**source_stats(source), **stats, **length, "problems": source.problems, "sample": sample}
         print(json.dumps(record, indent=2, ensure_ascii=False))
     else:
         lines = [source_line("data", source), *split_lines("data", stats, dc.max_length, dc.overlong)]
+        if source.length is not None:
+            lines.insert(1, f"data: {source.length.describe(dc.overlong)}")
         if first is not None:
             lines += highlight(first, encoder.tokenizer, color=sys.stdout.isatty())
         print("\n".join(lines))

@@ -21,6 +21,7 @@ import numpy as np
 
 from philora.data.formats import Conversation, RowProblem
 from philora.data.render import IGNORE, ChatEncoder, NothingToTrain, Sample, trained_turns
+from philora.progress import Phase
 
 FITS = ("whole", "truncated", "split", "dropped", "rejected", "untrained")
 CHUNK = 256  # conversations per batch of renders
@@ -39,20 +40,34 @@ def encode_all(
     encoder: ChatEncoder,
     settings: tuple[str, int, str, bool],
     num_proc: int | None,
+    what: str = "tokenising",
 ) -> list[Outcome]:
-    """Outcomes in input order; `settings` is (train_on, max_length, overlong, train_on_reasoning)."""
+    """Outcomes in input order; `settings` is (train_on, max_length, overlong, train_on_reasoning). Progress is
+    shown as the phase `what`, a chunk of conversations at a time."""
     chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
     processes = worker_count(num_proc, len(conversations))
     global _WORK
     _WORK = (encoder, settings)
+    parts: list[list[Outcome]] = []
     try:
         if processes > 1:
-            # fork shares the loaded tokenizer with the workers; each tokenizes on one thread.
+            # fork shares the loaded tokenizer with the workers; each tokenizes on one thread. The workers are forked
+            # before the progress starts its threads (a fork copies no thread but may copy a lock one holds). imap,
+            # not map: chunks come back in order as they are done, so the progress moves.
             pool = multiprocessing.get_context("fork").Pool
-            with _environment("TOKENIZERS_PARALLELISM", "false"), pool(processes) as workers:
-                parts = workers.map(_encode_chunk, chunks)
+            with (
+                _environment("TOKENIZERS_PARALLELISM", "false"),
+                pool(processes) as workers,
+                Phase(what, len(conversations), "conversation") as phase,
+            ):
+                for part in workers.imap(_encode_chunk, chunks):
+                    parts.append(part)
+                    phase.update(len(part))
         else:
-            parts = [_encode_chunk(chunk) for chunk in chunks]
+            with Phase(what, len(conversations), "conversation") as phase:
+                for chunk in chunks:
+                    parts.append(_encode_chunk(chunk))
+                    phase.update(len(chunk))
     finally:
         _WORK = None
     return [outcome for part in parts for outcome in part]

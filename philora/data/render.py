@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from philora import progress
 from philora.data.formats import Conversation, RowProblem
 from philora.data.templates import (
     CHATML_TOOLS,
@@ -82,7 +82,7 @@ def ensure_chat_template(tokenizer: Any) -> None:
         return
     if all(t in tokenizer.get_vocab() for t in PHI3_TOKENS):
         tokenizer.chat_template = PHI3_TEMPLATE
-        print("philora: the tokenizer has no chat template; using the official Phi-3 template", file=sys.stderr)
+        progress.say("the tokenizer has no chat template; using the official Phi-3 template")
         return
     raise UserError(
         f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; use an instruct model's tokenizer "
@@ -130,20 +130,20 @@ class ChatEncoder:
             {self.tokenizer.convert_tokens_to_ids(m) for m in (syntax.open, syntax.close)} & self.special_ids
         )
 
-    def use_tools(self) -> None:
+    def use_tools(self, say: bool = True) -> None:
         """Make the template able to render tools: a ChatML template without tools gets philora's, announced
-        (it is saved with the tokenizer, so every later stage renders tools the same way). UserError where the
-        template has no tools support and none can be given."""
+        unless not `say` (it is saved with the tokenizer, so every later stage renders tools the same way).
+        UserError where the template has no tools support and none can be given."""
         if self.tool_style == "chatml":
             self.tokenizer.chat_template = CHATML_TOOLS.replace("CHATML_OWN", self.tokenizer.get_chat_template())
             self._template = _compiled_template(self.tokenizer)
             self.tool_style = "native-hermes"
-            print(
-                "philora: the chat template has no tools support; philora's ChatML tools template renders "
-                "conversations with tools (schemas in <tools>, calls in <tool_call>, results in <tool_response>); "
-                "a trained adapter keeps it with its tokenizer",
-                file=sys.stderr,
-            )
+            if say:
+                progress.say(
+                    "the chat template has no tools support; philora's ChatML tools template renders "
+                    "conversations with tools (schemas in <tools>, calls in <tool_call>, results in "
+                    "<tool_response>); a trained adapter keeps it with its tokenizer"
+                )
         if self.tool_style is None:
             raise UserError(
                 f"the chat template of {self.tokenizer.name_or_path!r} cannot render tools (it never reads `tools` "

@@ -1,6 +1,6 @@
-"""What the data step did, for people (`philora data check`, and before every `train`) and for machines (--json):
-rows read and rejected, the format, token lengths, what the length policy cut, how much is trained, and one
-sample with its trained tokens highlighted."""
+"""What the data step did, for people (`philora data check` and `philora check` in full, `train` in one line) and for
+machines (--json): rows read and rejected, the format, token lengths, what the length policy cut, how much is
+trained, and one sample with its trained tokens highlighted."""
 
 from __future__ import annotations
 
@@ -184,6 +184,31 @@ def describe(prepared: PreparedData, dc: DataSection, color: bool = False) -> li
     if prepared.train.samples:
         lines += highlight(shown_sample(prepared.train), prepared.encoder.tokenizer, color)
     return lines
+
+
+def summary(prepared: PreparedData, dc: DataSection) -> str:
+    """The data in one line, for `train` (which `philora check` showed in full before): each split's rows, format,
+    samples, tokens and lengths, what max_length cut or dropped, and the rows rejected."""
+    parts = []
+    for i, (name, split) in enumerate((("train", prepared.train), ("eval", prepared.eval))):
+        if split is None:
+            continue
+        stats = split_stats(split, dc.max_length)
+        length = stats["length"]
+        fits = (("truncated", "truncated"), ("split", "split"), ("dropped_overlong", "dropped"))
+        cut = ", ".join(f"{stats[k]:,} {what}" for k, what in fits if stats[k])
+        source = prepared.sources[i] if i < len(prepared.sources) else None  # None: eval held out of train
+        read = f"{source.rows:,} rows ({source.format})" if source else f"{len(split.records):,} rows held out"
+        line = f"{name} {read} → {stats['samples']:,} samples, {stats['tokens']:,} tokens"
+        if name == "train":
+            line += (f", length p50 {length['p50']}, p95 {length['p95']}, max {length['max']} (max_length "
+                     f"{dc.max_length}; {cut or 'none cut'})")  # fmt: skip
+        elif cut:
+            line += f" ({cut})"
+        parts.append(line)
+    rejected = len(prepared.problems)
+    skipped = " (skipped: data.on_bad_row: skip)" if rejected and dc.on_bad_row == "skip" else ""
+    return "; ".join(parts) + f"; {rejected:,} rows rejected{skipped}"
 
 
 def shown_sample(split: Split) -> Sample:

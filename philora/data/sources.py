@@ -26,10 +26,12 @@ from typing import IO, Any
 
 from philora.errors import UserError
 from philora.paths import DATA_SUFFIXES, names_hub_dataset
+from philora.progress import Phase
 
 EVAL_SPLITS = ("validation", "eval", "test")
 BOM = b"\xef\xbb\xbf"
 SKIP_CHUNK = 1 << 20  # an overlong line is read past this many bytes at a time
+MEGABYTE = 1_000_000  # the unit a .jsonl file's reading progress is counted in
 # data.max_row_bytes: null is the larger of ROW_BYTES_FLOOR and this many bytes per token of max_length. Generous:
 # a conversation far over max_length is legitimate (overlong: split makes several samples of it) and a MiB tokenizes
 # in about a second; what must not pass is the row of tens of MB that costs minutes and gigabytes
@@ -112,9 +114,11 @@ def _read_file(path: Path, source: Source, limit: int) -> None:
         raise UserError(f"{path}: philora reads {', '.join(DATA_SUFFIXES)} files; convert this one or name another")
     part = Part(str(path))
     try:
-        if path.suffix == ".jsonl":
-            with path.open("rb") as file:
-                _read_json_lines(path, file, part, limit, source.digest)
+        if path.suffix == ".jsonl":  # the one format read a line at a time: its progress can be shown
+            megabytes = max(1, round(path.stat().st_size / MEGABYTE))
+            with path.open("rb") as file, Phase(f"reading {path.name}", megabytes, "megabyte") as phase:
+                _read_json_lines(path, file, part, limit, source.digest, phase)
+                phase.update(megabytes - phase.done)
         else:
             raw = path.read_bytes()
             source.digest.update(raw)
@@ -141,10 +145,14 @@ def _decode_whole(path: Path, raw: bytes) -> str:
         raise UserError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
 
 
-def _read_json_lines(path: Path, file: IO[bytes], part: Part, limit: int, digest: Any | None) -> None:
+def _read_json_lines(
+    path: Path, file: IO[bytes], part: Part, limit: int, digest: Any | None, phase: Phase | None = None
+) -> None:
     """One row per line; blank lines are not rows, and a bad line is a bad row, not a bad file. The bytes read go
-    into `digest` (None: already counted)."""
+    into `digest` (None: already counted); `phase` is told the megabytes read."""
     for number, line in _lines(file, limit, digest):
+        if phase is not None and number % 1024 == 0:
+            phase.update(file.tell() // MEGABYTE - phase.done)
         where = f"{path}:{number}"
         if isinstance(line, int):
             part.rows.append(RawRow(oversized(line, limit), where))

@@ -4,7 +4,9 @@ The eval data goes through the same pipeline as training, with the run's data se
 columns, max_length, overlong, train_on), so the loss is measured on the same tokens and masks the run measured.
 By default the data is the run's own eval set, as the run chose it (a file, a seeded fraction of train, or the
 sample eval split), and generation uses the run's eval batch size and generation length: then the numbers match
-what `philora train` recorded. The model loads once; the base answers with the adapter disabled.
+what `philora train` recorded. The model loads once; the base answers with the adapter disabled, unless the run's
+saved base answers were computed exactly as they would be here (eval/base_answers.py): then they are reused.
+The files go to --output, or to the run's eval/ (never beside the run's own eval.json, which they would replace).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from philora import progress
 from philora.config import DataSection, ModelSection
 from philora.data import Split, load_source, prepare, source_specs
+from philora.data.lengths import answer_budget
 from philora.data.render import ChatEncoder
 from philora.errors import UserError, first_problems
-from philora.eval import report, runner, table
+from philora.eval import base_answers, report, runner, table
+from philora.flags import BASE, typed
 from philora.infer.adapters import (
     Adapter,
     autocast,
@@ -33,7 +38,6 @@ from philora.model.preference import PairBatches, PreferenceLoss
 from philora.rundir import RunDir
 
 DEFAULT_BATCH_SIZE = 16  # for adapters without a run.json
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,29 +48,31 @@ def main(args: argparse.Namespace) -> int:
     dc = data_section(run)
     tc = run["training_config"] if run else {}
     batch_size = _positive("--batch-size", args.batch_size, tc.get("per_device_eval_batch_size", DEFAULT_BATCH_SIZE))
-    max_new = _positive(
-        "--max-new-tokens", args.max_new_tokens, tc.get("generation_max_length", DEFAULT_MAX_NEW_TOKENS)
-    )
+    # null (a run without eval data, an adapter from elsewhere): from the references of the data evaluated
+    max_new = _positive("--max-new-tokens", args.max_new_tokens, tc.get("generation_max_length"))
     limit = _positive("--limit", args.limit, None)
     out = Path(args.output).expanduser() if args.output else default_output(adapter, run is not None)
-    report.check_output(out)  # before the model loads: a refusal costs seconds, not an evaluation
+    check_output(out, adapter, run is not None)  # before the model loads: a refusal costs seconds, not an evaluation
 
     from philora.model.load import load_tokenizer
 
     # The data before the model: a bad file fails in seconds, not after loading gigabytes of weights.
-    base = ModelSection(name_or_path=args.model) if args.model else adapter.model
-    with base_named([adapter], args.model):
+    flag = typed(args, "base", BASE)
+    base = ModelSection(name_or_path=args.base) if args.base else adapter.model
+    with base_named([adapter], args.base, flag):
         # the pad notice comes with the model (load), after the data's checks
         tokenizer = load_tokenizer(replace(base, trust_remote_code=args.trust_remote_code), say_pad=False)
     encoder = ChatEncoder(tokenizer)
     split, spec = eval_split(dc, args.data, run, encoder, adapter)
     if limit is not None:
         split = Split(split.records[:limit])
+    if max_new is None:
+        max_new = answer_budget(split.samples)[0]
     settings = {
         "command": "eval",
         "run": adapter.path.parent.name if run else adapter.path.name,
         "adapter": str(adapter.path),
-        "base_model": args.model or adapter.model.name_or_path or "embedded",
+        "base_model": args.base or adapter.model.name_or_path or "embedded",
         "data": spec,
         "conversations": len(split.conversations),
         "limit": limit,
@@ -75,16 +81,28 @@ def main(args: argparse.Namespace) -> int:
     # a dpo run that started from model.adapter measures its rewards against that adapter: load it beside
     start = (run or {}).get("model", {}).get("adapter") if tc.get("method") == "dpo" and split.pairs else None
     loaded = [adapter] + ([read_adapter(start, "start")] if start else [])
-    model, _ = load(loaded, args.model, args.dtype, args.trust_remote_code)
-    with autocast(adapter if args.dtype is None else None):  # the run's own arithmetic, for the run's numbers
+    model, _ = load(loaded, args.base, args.dtype, args.trust_remote_code, flag)
+    prompts = runner.prompts_and_references(split.conversations, encoder)
+    arithmetic = adapter if args.dtype is None else None  # the run's own, for the run's numbers
+    saved = None
+    if run is not None and prompts and not args.no_base:
+        # as eval would compute them: the base it loads (never quantised) with the adapter disabled
+        bare = replace(base, quantization=None, adapter=None)
+        wanted = base_answers.answered(bare, model, arithmetic.autocast if arithmetic else "no", encoder,
+                                       [(p, t) for p, _, t in prompts], max_new, batch_size)  # fmt: skip
+        saved, why = base_answers.reusable(RunDir(adapter.path.parent).base_answers, wanted)
+        progress.say(f"{'reusing' if saved else 'computing'} the base model's answers: {why}")
+        settings["base_answers"] = "reused from the run" if saved else "computed here"
+    with autocast(arithmetic):
         evaluation = runner.evaluate_model(
             model,
             encoder,
             [chosen for chosen, _ in split.pairs] or split.samples,  # a pair's loss is its chosen answer's
-            runner.prompts_and_references(split.conversations, encoder),
+            prompts,
             batch_size=batch_size,
             max_new_tokens=max_new,
             base=not args.no_base,
+            base_answers=saved,
             settings=settings,
         )
         if split.pairs:
@@ -126,6 +144,18 @@ def _positive(flag: str, value: int | None, default: int | None) -> int | None:
 def data_section(run: dict[str, Any] | None) -> DataSection:
     """The run's data settings (defaults for an adapter from elsewhere)."""
     return DataSection() if run is None else known_fields(DataSection, run["data"])
+
+
+def check_output(out: Path, adapter: Adapter, in_run: bool) -> None:
+    """--output may be anything but the run's own folder or its adapter/: train's eval.json, eval.md and
+    report.html there are the run's record (run.json and the model card cite them), not for an eval to replace."""
+    refused = {adapter.path.resolve(): "the adapter's folder"}
+    if in_run:
+        refused[adapter.path.parent.resolve()] = "the run's own folder, where train wrote its evaluation"
+    if (where := refused.get(out.resolve())) is not None:
+        default = default_output(adapter, in_run)
+        raise UserError(f"--output {out}: is {where}; leave --output out for {default}, or choose another folder")
+    report.check_output(out)
 
 
 def default_output(adapter: Adapter, in_run: bool) -> Path:

@@ -23,10 +23,21 @@ HTML_SAMPLES = 100  # samples shown in report.html; eval.json has them all
 MD_SAMPLES = 5
 
 # Records on each image the size it decoded to: a visible sign that the inline PNG is intact (tests read it).
+# The "misses first" box puts the samples the fine-tuned model did not answer exactly first (a stable sort on
+# data-miss, then the original order); #misses-first in the address turns it on, so the view can be linked.
 SCRIPT = (
     "for (const img of document.images) {"
     " const mark = () => { img.dataset.naturalWidth = img.naturalWidth; };"
     " if (img.complete) mark(); else { img.addEventListener('load', mark); img.addEventListener('error', mark); } }"
+    "\nconst box = document.getElementById('misses-first'), list = document.getElementById('samples');"
+    "\nif (box && list) {"
+    " const order = (misses) => {"
+    " const rows = Array.from(list.querySelectorAll('article.sample'));"
+    " rows.sort((a, b) => (misses ? b.dataset.miss - a.dataset.miss : 0) || a.dataset.index - b.dataset.index);"
+    " for (const row of rows) list.appendChild(row); };"
+    " box.addEventListener('change', () => { order(box.checked);"
+    " try { history.replaceState(null, '', box.checked ? '#misses-first' : location.pathname); } catch (e) {} });"
+    " if (location.hash === '#misses-first') { box.checked = true; order(true); } }"
 )
 
 CSS = """
@@ -53,6 +64,7 @@ img { max-width: 100%; height: auto; border: 1px solid var(--line); background: 
 pre { margin: 2px 0 0; white-space: pre-wrap; word-break: break-word; font: 13px/1.45 ui-monospace, monospace; }
 .badge { font-size: 0.8em; padding: 0 6px; border-radius: 8px; margin-left: 6px; border: 1px solid currentColor; }
 .hit { color: var(--good); } .miss { color: var(--bad); }
+#view label { cursor: pointer; }
 details { margin: 4px 0; } summary { cursor: pointer; color: var(--muted); }
 footer { margin-top: 32px; font-size: 0.85em; color: var(--muted); }
 """
@@ -112,10 +124,41 @@ def loss_section(records: list[dict[str, Any]] | None) -> str:
         return '<p class="note" id="no-loss-curve">The run logged no losses (training_config.logging_strategy).</p>'
     data = base64.b64encode(loss_plot_png(records)).decode()
     return (
-        f'<figure><img id="loss-curve" alt="train and eval loss per optimizer step" src="data:image/png;base64,{data}">'
-        '<figcaption class="meta">cross-entropy per trained token: train loss at each logged step, eval loss at each '
-        "evaluation (from metrics.jsonl)</figcaption></figure>"
+        f'<figure><img id="loss-curve" alt="{loss_plot_alt(records)} per optimizer step" '
+        f'src="data:image/png;base64,{data}"><figcaption class="meta">{loss_caption(records)}</figcaption></figure>'
     )
+
+
+def loss_plot_alt(records: list[dict[str, Any]]) -> str:
+    train, evals = any("loss" in r for r in records), any("eval_loss" in r for r in records)
+    return " and ".join(name for name, logged in (("train loss", train), ("eval loss", evals)) if logged)
+
+
+def loss_caption(records: list[dict[str, Any]]) -> str:
+    """What the plot shows, as the run logged it: an eval loss is mentioned only where one was logged."""
+    parts = []
+    if any("loss" in r for r in records):
+        parts.append("train loss at each logged step")
+    if any("eval_loss" in r for r in records):
+        parts.append("eval loss at each evaluation")
+    else:
+        parts.append("no eval loss (the run evaluated no loss during training)")
+    return f"cross-entropy per trained token: {', '.join(parts)} (from metrics.jsonl)"
+
+
+def metrics_note(evaluation: dict[str, Any]) -> str:
+    """How the metrics in the table were measured: only those it shows."""
+    shown = {row["key"] for row in metric_rows(evaluation)}
+    notes = []
+    if "eval_loss" in shown:
+        notes.append("Loss: cross-entropy per trained token on the eval data; perplexity = e<sup>loss</sup>.")
+    if "exact_match" in shown:
+        notes.append("Exact match after trimming whitespace; ROUGE-L F1 from rouge-score.")
+    if shown & {"json_valid", "json_match"}:
+        notes.append("JSON rows because every reference is JSON.")
+    if any(key.startswith("tool_") for key in shown):
+        notes.append("Tool rows: calls read from each answer in the template's syntax, beside the reference's.")
+    return " ".join(notes) or "No metrics: this evaluation measured nothing."
 
 
 def run_summary(run: dict[str, Any]) -> list[tuple[str, str]]:
@@ -165,6 +208,13 @@ def samples_section(evaluation: dict[str, Any]) -> str:
     parts = []
     if len(shown) < len(samples):
         parts.append(f'<p class="meta">The first {len(shown)} of {len(samples)}; eval.json has them all.</p>')
+    misses = [miss(s) for s in shown]
+    if "after" in runs:
+        parts.append(
+            f'<p class="meta" id="view"><label><input type="checkbox" id="misses-first"> misses first: the '
+            f"{sum(misses)} of {len(shown)} the fine-tuned model did not answer exactly, at the top</label></p>"
+        )
+    articles = []
     for i, s in enumerate(shown, 1):
         context = "".join(
             f'<div class="label">{_e(m["role"])}</div><pre>{_e(message_text(m))}</pre>' for m in s["prompt"][:-1]
@@ -180,12 +230,18 @@ def samples_section(evaluation: dict[str, Any]) -> str:
             f'<div data-answer="{_e(name)}"><span class="label">{_e(name)}</span>{badge}<pre>{_e(text)}</pre></div>'
             for name, text, badge in answers
         )
-        parts.append(
-            f'<article class="sample" id="sample-{i}"><h3>#{i}</h3>{earlier if context else ""}'
+        articles.append(
+            f'<article class="sample" id="sample-{i}" data-index="{i}" data-miss="{int(misses[i - 1])}">'
+            f"<h3>#{i}</h3>{earlier if context else ''}"
             f'<div class="label">{_e(last["role"])}</div><pre>{_e(message_text(last))}</pre>'
             f'<div class="answers">{cells}</div></article>'
         )
-    return "".join(parts)
+    return "".join(parts) + f'<div id="samples">{"".join(articles)}</div>'
+
+
+def miss(sample: dict[str, Any]) -> bool:
+    """Whether the fine-tuned model's answer is not the reference (after trimming whitespace, as exact match)."""
+    return "after" in sample and sample["after"].strip() != sample["reference"].strip()
 
 
 def render(evaluation: dict[str, Any], run: dict[str, Any] | None, records: list[dict[str, Any]] | None) -> str:
@@ -227,8 +283,7 @@ def render(evaluation: dict[str, Any], run: dict[str, Any] | None, records: list
 <p class="meta">{about}</p>
 <h2>Metrics</h2>
 {metrics_table(evaluation)}
-<p class="meta">Loss: cross-entropy per trained token on the eval data; perplexity = e<sup>loss</sup>. Exact match
-after trimming whitespace; ROUGE-L F1 from rouge-score; JSON rows only when every reference is JSON.</p>
+<p class="meta">{metrics_note(evaluation)}</p>
 <h2>Loss curve</h2>
 {loss_section(records)}
 <h2>Run</h2>

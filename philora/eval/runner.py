@@ -8,8 +8,6 @@ them.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -21,23 +19,27 @@ from philora.data.formats import Conversation
 from philora.data.render import MESSAGE_KEYS, ChatEncoder, Sample
 from philora.eval.metrics import compare, loss_metrics
 from philora.model.load import longrope_boundary
+from philora.progress import Phase
 
 
 @torch.no_grad()
-def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int) -> float:
+def eval_loss(loss_fn: torch.nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int,
+              what: str = "eval loss", show: bool = True) -> float:  # fmt: skip
     """Mean cross-entropy per trained token over the eval samples, in batches of `batch_size` that never mix the
-    two sides of a longrope model's original context."""
+    two sides of a longrope model's original context; its progress shown as the phase `what`."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
     device = next(loss_fn.parameters()).device
     boundary = longrope_boundary(getattr(loss_fn, "module", loss_fn).model.config)
-    for group in length_groups([len(s.input_ids) for s in samples], boundary):
-        for start in range(0, len(group), batch_size):
-            batch_samples = [samples[i] for i in group[start : start + batch_size]]
-            batch = collate(batch_samples, one_per_row(len(batch_samples)), pad_id)
-            loss, _ = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-            total, count = total + loss.item(), count + sum(s.trained for s in batch_samples)
+    with Phase(what, len(samples), "sample", show=show) as phase:
+        for group in length_groups([len(s.input_ids) for s in samples], boundary):
+            for start in range(0, len(group), batch_size):
+                batch_samples = [samples[i] for i in group[start : start + batch_size]]
+                batch = collate(batch_samples, one_per_row(len(batch_samples)), pad_id)
+                loss, _ = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+                total, count = total + loss.item(), count + sum(s.trained for s in batch_samples)
+                phase.update(len(batch_samples))
     loss_fn.train(was_training)
     return total / max(count, 1)
 
@@ -98,15 +100,9 @@ def answer(
     model: Any, encoder: ChatEncoder, prompts: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]],
     max_new_tokens: int, batch_size: int, who: str,
 ) -> list[str]:  # fmt: skip
-    """`generate`, with a progress bar on a terminal, saying how long it took."""
-    from tqdm.auto import tqdm
-
-    tick = time.perf_counter()
-    with tqdm(total=len(prompts), desc=f"answering with the {who}", unit="prompt", leave=False, disable=None) as bar:
-        answers = generate(model, encoder, prompts, max_new_tokens, batch_size, bar.update)
-    seconds = time.perf_counter() - tick
-    print(f"philora: answered {len(prompts)} eval prompts with the {who} in {seconds:.0f}s", file=sys.stderr)
-    return answers
+    """`generate`, its progress shown (progress.Phase: a bar on a terminal, lines in a log, its time at the end)."""
+    with Phase(f"answers of the {who}", len(prompts), "prompt") as phase:
+        return generate(model, encoder, prompts, max_new_tokens, batch_size, phase.update)
 
 
 def evaluate_model(
@@ -133,11 +129,15 @@ def evaluate_model(
     if base:
         with model.disable_adapter():
             if samples:
-                losses["before"] = loss_metrics(eval_loss(loss_fn, samples, batch_size, pad))
+                losses["before"] = loss_metrics(
+                    eval_loss(loss_fn, samples, batch_size, pad, "eval loss of the base model")
+                )
             if base_answers is None and prompts:
                 base_answers = answer(model, encoder, questions, max_new_tokens, batch_size, "base model")
     if samples:
-        losses["after"] = loss_metrics(eval_loss(loss_fn, samples, batch_size, pad))
+        losses["after"] = loss_metrics(
+            eval_loss(loss_fn, samples, batch_size, pad, "eval loss of the fine-tuned model")
+        )
     generations = {"before": base_answers} if base_answers is not None and prompts else {}
     if prompts:
         generations["after"] = answer(model, encoder, questions, max_new_tokens, batch_size, "fine-tuned model")

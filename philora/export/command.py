@@ -28,33 +28,82 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from philora.errors import UserError
+from philora.flags import BASE, MERGED, remember, typed, warn_deprecated
 from philora.model.load import named_by
+from philora.paths import HUB_ID
 
 OLLAMA_GGUF = "model.gguf"
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.model or args.adapter:
-        raise UserError(f"export {args.format}: give --model DIR, a merged model (philora merge); not --adapter")
-    source = check_source(Path(args.model).expanduser())
+    from philora.export import howto
+
+    old_spellings(args)
+    flag = source_flag(args)
+    source = check_source(Path(getattr(args, flag.dest)).expanduser(), flag.typed, flag.dest)
     gguf_path, sidecar = output_paths(args.format, Path(args.output).expanduser())
     started, folder_existed = time.time(), gguf_path.parent.exists()
     try:
-        with named_by("--model"):
-            record = export(source, gguf_path, args.type, ollama=args.format == "ollama", trust=args.trust_remote_code)
+        with named_by(flag.typed):
+            record = export(source, gguf_path, args.type, ollama=args.format == "ollama",
+                            trust=args.trust_remote_code, label=f"{flag.typed} {source}")  # fmt: skip
     except BaseException:
         remove_partial(gguf_path, args.format == "ollama", args.format == "ollama" and not folder_existed)
         raise
     status = conclude(record, f"GGUF {args.type}", gguf_path, sidecar, started)
-    if status == 0 and args.format == "ollama":
-        print(f"philora: `cd {gguf_path.parent} && ollama create NAME -f Modelfile`", file=sys.stderr)
+    if status == 0:
+        usage = howto.after_ollama(gguf_path.parent) if args.format == "ollama" else howto.after_gguf(gguf_path)
+        print(usage, file=sys.stderr)
     return status
+
+
+@dataclass(frozen=True)
+class Flag:
+    dest: str  # where argparse put it: merged or base
+    typed: str  # as the user typed it, for messages
+
+
+def source_flag(args: argparse.Namespace) -> Flag:
+    """The model `export gguf|ollama` converts: --merged DIR (a merge's output), or --base DIR (a base as it is,
+    e.g. for a GGUF LoRA to apply to); never an adapter, which needs merging or gguf-lora."""
+    given = [dest for dest in ("merged", "base") if getattr(args, dest)]
+    if args.adapter:
+        raise UserError(
+            f"export {args.format}: {typed(args, 'adapter', '--adapter')} {args.adapter}: an adapter is exported by "
+            f"`philora export gguf-lora`; or merge it first (philora merge --adapter {args.adapter} --output DIR) "
+            "and give --merged DIR"
+        )
+    if args.base_gguf:
+        raise UserError(f"export {args.format}: --base-gguf is for gguf-lora; give --merged DIR")
+    if not given:
+        raise UserError(f"export {args.format}: give --merged DIR, a merged model (philora merge --output)")
+    if len(given) == 2:
+        both = " and ".join(typed(args, d, f"--{d}") for d in given)
+        raise UserError(f"export {args.format}: {both}: give one model to convert, --merged DIR or --base DIR")
+    return Flag(given[0], typed(args, given[0], MERGED if given[0] == "merged" else BASE))
+
+
+def old_spellings(args: argparse.Namespace) -> None:
+    """The last release's export flags, each with a warning: --model (the merged dir for gguf and ollama, the base
+    for gguf-lora) and gguf-lora's --base FILE.gguf (a base GGUF, now --base-gguf)."""
+    if args.format == "gguf-lora" and args.base and args.base.endswith(".gguf") and not args.base_gguf:
+        warn_deprecated("--base FILE.gguf", "--base-gguf FILE.gguf")
+        remember(args, "base_gguf", typed(args, "base", BASE))
+        args.base_gguf, args.base = args.base, None
+    if args.old_model is not None:
+        dest = "base" if args.format == "gguf-lora" else "merged"
+        warn_deprecated("--model", f"--{dest}")
+        if getattr(args, dest) is not None:
+            raise UserError(f"--model and --{dest}: the same model twice; give --{dest} alone")
+        setattr(args, dest, args.old_model)
+        remember(args, dest, "--model")
 
 
 def conclude(record: dict[str, Any], what: str, path: Path, sidecar: Path, started: float) -> int:
@@ -74,19 +123,24 @@ def conclude(record: dict[str, Any], what: str, path: Path, sidecar: Path, start
     return 0
 
 
-def check_source(path: Path) -> Path:
-    """A merged model directory: config.json, no adapter, and not a merge whose parity check failed."""
+def check_source(path: Path, flag: str = MERGED, dest: str = "merged") -> Path:
+    """A model directory (`dest` merged: a merge's output; base: a base model), named `flag` as typed: config.json,
+    no adapter, and not a merge whose parity check failed. Checked before anything loads."""
+    give = "give a merged model dir (philora merge --output)" if dest == "merged" else "give the base model's dir"
     if not path.is_dir():
-        raise UserError(f"--model {path}: no such directory; give a merged model dir (philora merge --output)")
+        if dest == "base" and HUB_ID.match(str(path)) and not path.exists():  # export reads files on this machine
+            give = f"export converts a model on disk: `hf download {path} --local-dir DIR`, then --base DIR"
+        raise UserError(f"{flag} {path}: no such directory; {give}")
     if not (path / "config.json").is_file():
         if (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():
             raise UserError(
-                f"--model {path}: is an adapter; merge it first (philora merge --adapter {path} --output DIR)"
+                f"{flag} {path}: is an adapter; merge it first (philora merge --adapter {path} --output DIR), or "
+                "export it as it is with `philora export gguf-lora`"
             )
-        raise UserError(f"--model {path}: no config.json; give a merged model dir (philora merge --output)")
+        raise UserError(f"{flag} {path}: no config.json; {give}")
     merge_record = path / "merge.json"
     if merge_record.is_file() and not json.loads(merge_record.read_text()).get("passed", True):
-        raise UserError(f"--model {path}: its merge failed the parity check (merge.json); merge again")
+        raise UserError(f"{flag} {path}: its merge failed the parity check (merge.json); merge again")
     return path
 
 
@@ -110,9 +164,12 @@ def output_paths(fmt: str, output: Path) -> tuple[Path, Path]:
     return output, sidecar
 
 
-def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool, trust: bool = False) -> dict[str, Any]:
+def export(
+    path: Path, gguf_path: Path, qtype: str, *, ollama: bool, trust: bool = False, label: str | None = None
+) -> dict[str, Any]:
     """Write the GGUF (and Modelfile), verify it in llama.cpp, and return the export.json record. A merged model
-    of a base with its own code carries that code: it runs only with `trust` (--trust-remote-code)."""
+    of a base with its own code carries that code: it runs only with `trust` (--trust-remote-code). `label` names
+    the model in messages (the flag as typed and the path)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from philora.config import ModelSection
@@ -123,7 +180,7 @@ def export(path: Path, gguf_path: Path, qtype: str, *, ollama: bool, trust: bool
 
     section = ModelSection(name_or_path=str(path), trust_remote_code=trust)
     config = from_pretrained(AutoConfig, str(path), section, "config")
-    layout = layouts.layout_of(config, f"--model {path}")
+    layout = layouts.layout_of(config, label or str(path))
     tokenizer = load_tokenizer(section)
     encoder = ChatEncoder(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, encoder.end_of_turn_id)

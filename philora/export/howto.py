@@ -1,10 +1,13 @@
-"""How to load what philora made, as a model card says it: with philora, with peft and transformers, with
-llama.cpp and with Ollama, for an adapter (on its base) or a merged model; from the local dir, or from the Hub repo
-the card is pushed to."""
+"""How to load what philora made: as a model card says it (with philora, with peft and transformers, with
+llama.cpp and with Ollama, for an adapter on its base or a merged model; from the local dir, or from the Hub repo
+the card is pushed to), and as `philora merge` and `philora export` say it once the files are written, with their
+real paths."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +33,12 @@ def adapter_usage(base: Base, where: str, local: str, fetch: list[str], name: st
     philora = _lines(*fetch, f"philora chat --adapter {local}", f"philora serve --adapter {name}={local}")
     llama_cpp = _lines(
         *get_base,
-        f"philora export gguf --model {base_dir} --output base.gguf",
+        f"philora export gguf --base {base_dir} --output base.gguf",
         f"philora export gguf-lora --adapter {local} --output adapter.gguf",
         "llama-cli -m base.gguf --lora adapter.gguf",
     )
     ollama = _lines(
-        f"philora export ollama --model {base_dir} --output ollama/",
+        f"philora export ollama --base {base_dir} --output ollama/",
         'echo "ADAPTER $PWD/adapter.gguf" >> ollama/Modelfile',
         "ollama create NAME -f ollama/Modelfile",
     )
@@ -67,11 +70,11 @@ With Ollama, the base's GGUF and a Modelfile with its chat template, plus the ad
 
 
 def merged_usage(where: str, local: str, fetch: list[str]) -> str:
-    philora = _lines(*fetch, f"philora chat --model {local}", f"philora serve --model {local}")
+    philora = _lines(*fetch, f"philora chat --base {local}", f"philora serve --base {local}")
     gguf = _lines(
-        f"philora export gguf --model {local} --output model.gguf --type q4_k_m",
+        f"philora export gguf --merged {local} --output model.gguf --type q4_k_m",
         "llama-cli -m model.gguf",
-        f"philora export ollama --model {local} --output ollama/",
+        f"philora export ollama --merged {local} --output ollama/",
         "cd ollama && ollama create NAME -f Modelfile",
     )
     return f"""## How to use
@@ -135,3 +138,87 @@ def base_dir_commands(base: Base) -> tuple[str, list[str]]:
 
 def _lines(*commands: str) -> str:
     return "\n".join(commands)
+
+
+# --- what merge and export print once their files are written -----------------------------------------------------
+
+HELLO = '[{"role": "user", "content": "Hello!"}]'
+
+
+def after_merge(folder: Path) -> str:
+    """How to use a merged model dir: philora, transformers, and the way to llama.cpp and Ollama."""
+    where = _q(folder)
+    code = (
+        f'from transformers import pipeline; chat = pipeline("text-generation", {json.dumps(str(folder))}); '
+        f'print(chat({HELLO}, max_new_tokens=64)[0]["generated_text"][-1]["content"])'
+    )
+    return _usage(
+        folder,
+        (f"philora chat --base {where}", "chat in the terminal"),
+        (f"philora serve --base {where}", "an OpenAI-compatible server"),
+        (f"python -c {shlex.quote(code)}", "transformers"),
+        (f"philora export gguf --merged {where} --output model.gguf --type q4_k_m", "for llama.cpp"),
+        (f"philora export ollama --merged {where} --output ollama", "for Ollama"),
+    )
+
+
+def after_gguf(path: Path) -> str:
+    """How to use a GGUF file: llama.cpp's chat and server, llama-cpp-python, and the way to Ollama."""
+    where = _q(path)
+    return _usage(
+        path,
+        (f"llama-cli -m {where} -cnv", "chat in the terminal (llama.cpp)"),
+        (f"llama-server -m {where} --port 8080", "an OpenAI-compatible server"),
+        (f"python -c {shlex.quote(_llama_cpp_python(path))}", "llama-cpp-python"),
+        (f"echo {shlex.quote(f'FROM {path.resolve()}')} > Modelfile && ollama create NAME -f Modelfile",
+         "Ollama; `philora export ollama` writes a Modelfile with the chat template and stops"),
+    )  # fmt: skip
+
+
+def after_ollama(folder: Path) -> str:
+    """How to use an `export ollama` dir: create the model from its Modelfile, run it, or use its GGUF directly."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", folder.resolve().name.lower()).strip("-.") or "NAME"
+    return _usage(
+        folder,
+        (f"cd {_q(folder)} && ollama create {name} -f Modelfile", "once"),
+        (f"ollama run {name}", "chat in the terminal; Ollama's API serves it too"),
+        (f"llama-cli -m {_q(folder / 'model.gguf')} -cnv", "the same GGUF in llama.cpp"),
+    )
+
+
+def after_lora(path: Path, base_gguf: Path | None, base_dir: str) -> str:
+    """How to use a GGUF LoRA: on its base GGUF (`base_gguf`, else one exported from the base model `base_dir`, a
+    local dir or a hub id) in llama.cpp, llama-cpp-python and Ollama."""
+    base = base_gguf if base_gguf is not None else Path("base.gguf")
+    export = "philora export gguf --base {} --output base.gguf"
+    if Path(base_dir).is_dir():
+        export = export.format(shlex.quote(base_dir))
+    else:  # a hub id: export reads a local dir
+        export = f"hf download {shlex.quote(base_dir)} --local-dir base && {export.format('base')}"
+    first = [(export, "the base as GGUF, once")] if base_gguf is None else []
+    where, on = _q(path), _q(base)
+    return _usage(
+        path,
+        *first,
+        (f"llama-cli -m {on} --lora {where} -cnv", "chat in the terminal (llama.cpp)"),
+        (f"llama-server -m {on} --lora {where} --port 8080", "an OpenAI-compatible server"),
+        (f"python -c {shlex.quote(_llama_cpp_python(base, path))}", "llama-cpp-python"),
+        (f"ADAPTER {path.resolve()}", "in an Ollama Modelfile, after FROM the base (philora export ollama --base)"),
+    )
+
+
+def _llama_cpp_python(model: Path, lora: Path | None = None) -> str:
+    adapter = f", lora_path={json.dumps(str(lora))}" if lora is not None else ""
+    return (
+        f"from llama_cpp import Llama; llm = Llama({json.dumps(str(model))}{adapter}, n_ctx=2048, verbose=False); "
+        f'print(llm.create_chat_completion({HELLO})["choices"][0]["message"]["content"])'
+    )
+
+
+def _usage(path: Path, *commands: tuple[str, str]) -> str:
+    """`philora: to use PATH:` and one command a line, each with what it is for as a shell comment."""
+    return "\n".join([f"philora: to use {path}:", *(f"  {command}  # {what}" for command, what in commands)])
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))

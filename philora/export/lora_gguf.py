@@ -7,7 +7,7 @@ peft scales each module's update by its own alpha/r (or alpha/√r with rsLoRA, 
 is folded into B and `adapter.lora.alpha` is 0, which llama.cpp reads as "apply B·A as it is" — so every module
 keeps its exact scale, and `--lora-scaled F` still multiplies the whole adapter by F.
 
-Verified in llama.cpp: the base GGUF (`--base FILE`, or an f16 one written from the HF base for the check)
+Verified in llama.cpp: the base GGUF (`--base-gguf FILE`, or an f16 one written from the HF base for the check)
 with this adapter applied must agree with transformers' base + adapter by the base file's type floors.
 """
 
@@ -26,41 +26,57 @@ import torch
 from philora.errors import UserError
 from philora.export import layouts
 from philora.export.layouts import Layout
+from philora.flags import BASE, typed
 
 ALPHA_FOLDED = 0.0  # llama.cpp: alpha 0 → scale 1 (B already holds alpha / r)
 
 
 def main(args: argparse.Namespace) -> int:
-    from philora.export.command import conclude, output_paths
+    from philora.export import howto
+    from philora.export.command import conclude, old_spellings, output_paths
     from philora.export.merge import check_adapter_kind
     from philora.infer.adapters import read_adapter
 
+    old_spellings(args)
     if not args.adapter:
         raise UserError("export gguf-lora: give --adapter DIR (the adapter, or its run dir)")
+    if args.merged:
+        raise UserError(f"export gguf-lora: {typed(args, 'merged', '--merged')} is for gguf and ollama; give the "
+                        "adapter's base as --base M, or leave it out for the adapter's own base")  # fmt: skip
     adapter = read_adapter(args.adapter)
     check_adapter_kind(adapter)
     path, sidecar = output_paths("gguf", Path(args.output).expanduser())
-    base_gguf = check_base(Path(args.base).expanduser()) if args.base else None
+    base_gguf = check_base(args.base_gguf, typed(args, "base_gguf", "--base-gguf"))
     started = time.time()
     try:
-        record = export_lora(adapter, args.model, path, base_gguf, args.trust_remote_code)
+        record = export_lora(adapter, args.base, path, base_gguf, args.trust_remote_code, typed(args, "base", BASE))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     status = conclude(record, f"GGUF LoRA on a {record['base_type']} base", path, sidecar, started)
     if status == 0:
-        print(f"philora: `llama-cli -m BASE.gguf --lora {path}`, or `ADAPTER {path}` in a Modelfile", file=sys.stderr)
+        print(howto.after_lora(path, base_gguf, record["base"]), file=sys.stderr)
     return status
 
 
-def check_base(path: Path) -> Path:
+def check_base(value: str | None, flag: str) -> Path | None:
+    """--base-gguf FILE (named `flag` as typed): a GGUF file, checked before anything loads; None when not given."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
-        raise UserError(f"--base {path}: not a .gguf file; give the base model's GGUF (philora export gguf)")
+        what = "no such file" if not path.exists() else "not a .gguf file"
+        raise UserError(f"{flag} {path}: {what}; give the base model's GGUF (philora export gguf --base DIR)")
     return path
 
 
 def export_lora(
-    adapter: Any, model_name: str | None, path: Path, base_gguf: Path | None, trust_remote_code: bool = False
+    adapter: Any,
+    model_name: str | None,
+    path: Path,
+    base_gguf: Path | None,
+    trust_remote_code: bool = False,
+    flag: str = BASE,
 ) -> dict[str, Any]:
     """Write the LoRA GGUF, verify it on a base GGUF in llama.cpp, and return the export.json record."""
     from philora.data.render import ChatEncoder
@@ -69,7 +85,7 @@ def export_lora(
     from philora.export.vocab import build_vocab, gguf_name
     from philora.infer.adapters import load
 
-    model, tokenizer = load([adapter], model_name, "float32", trust_remote_code)
+    model, tokenizer = load([adapter], model_name, "float32", trust_remote_code, flag)
     config = model.config
     layout = layouts.layout_of(config, f"--adapter {adapter.path}: its base")
     encoder = ChatEncoder(tokenizer)
@@ -90,6 +106,7 @@ def export_lora(
         "gguf": str(path),
         "bytes": path.stat().st_size,
         "architecture": layout.arch,
+        "base": str(config.name_or_path),
         "base_gguf": str(given) if given else "an f16 GGUF of the base, written for the check",
         "base_type": base_type,
         **check,

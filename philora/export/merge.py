@@ -31,6 +31,8 @@ import torch
 
 from philora.errors import UserError
 from philora.export.card import write_card
+from philora.export.howto import after_merge
+from philora.flags import BASE, typed
 from philora.hardware import DTYPES
 from philora.infer.adapters import Adapter, base_named, base_section, read_adapter
 from philora.model.load import from_pretrained, without_bitsandbytes
@@ -75,15 +77,17 @@ def main(args: argparse.Namespace) -> int:
     output = check_output_dir(Path(args.output).expanduser())
     max_shard_size = parse_size(args.max_shard_size)
     # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
-    base = base_section([adapter], args.model, "float32", args.trust_remote_code)
+    base = base_section([adapter], args.base, "float32", args.trust_remote_code)
     section = replace(base, attn_implementation="sdpa")
     started = time.time()
-    with without_bitsandbytes(), base_named([adapter], args.model):  # the base is never quantised here
+    # the base is never quantised here; one that cannot load is named by the flag typed, or by the adapter
+    with without_bitsandbytes(), base_named([adapter], args.base, typed(args, "base", BASE)):
         report = merge(adapter, section, output, args.dtype or adapter.dtype or "auto", max_shard_size)
     report["seconds"] = round(time.time() - started, 1)
     (output / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
     parity = Parity(**report["parity"])
-    print(parity_line("merge", parity, report["dtype"]), file=sys.stderr)
+    print(parity_line(f"merge ({report['dtype']} weights read back vs base + adapter)", report["parity"]),
+          file=sys.stderr)  # fmt: skip
     if not parity.passed:
         print(
             f"philora: error: the merged model in {output} does not reproduce base + adapter (relative diff "
@@ -94,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     write_card(output)
     print(f"philora: merged model in {output}", file=sys.stderr)
+    print(after_merge(output), file=sys.stderr)
     return 0
 
 
@@ -115,7 +120,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     except (RuntimeError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"--adapter {adapter.path}: does not fit the base model {source}: {first} — pass the --model it was "
+            f"--adapter {adapter.path}: does not fit the base model {source}: {first} — pass the --base it was "
             "trained on"
         ) from None
     prompts = parity_prompts(encoder)
@@ -212,12 +217,18 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor], tolerance:
     return Parity(diff, scale, diff / scale if scale else diff, tolerance, top1, ref.shape[0])
 
 
-def parity_line(what: str, parity: Parity, dtype: str) -> str:
-    verdict = "ok" if parity.passed else "FAILED"
+def parity_line(what: str, parity: dict[str, Any]) -> str:
+    """The one line every parity check prints, merge's and export's (gguf, ollama, gguf-lora) alike: the largest
+    |Δlogit| (absolute, and relative to the logit scale, which a tolerance bounds), the top-1 agreement (which a
+    floor bounds, for 4- and 5-bit GGUF types), over how many positions, and the verdict. `parity` is a Parity as a
+    dict (merge.json's, export.json's), with `tolerance` and `top1_floor` None where they do not judge."""
+    tolerance, floor = parity.get("tolerance"), parity.get("top1_floor")
+    ok = (tolerance is None or parity["relative"] <= tolerance) and (floor is None or parity["top1_agreement"] >= floor)
+    bound = f", tolerance {tolerance:.2g}" if tolerance is not None else ""
+    top1 = f"top-1 agreement {parity['top1_agreement']:.1%}" + (f" (floor {floor:.0%})" if floor is not None else "")
     return (
-        f"philora: {what} parity ({dtype}, {parity.positions} positions): max |Δlogit| {parity.max_abs_diff:.3g} "
-        f"= {parity.relative:.2e} of the logit scale {parity.logit_scale:.3g} (tolerance {parity.tolerance:.0e}); "
-        f"top-1 agreement {parity.top1_agreement:.1%} — {verdict}"
+        f"philora: {what} parity: max |Δlogit| {parity['max_abs_diff']:.3g} ({parity['relative']:.1e} of the logit "
+        f"scale{bound}), {top1} over {parity['positions']} positions: {'ok' if ok else 'FAILED'}"
     )
 
 

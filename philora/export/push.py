@@ -1,10 +1,12 @@
-"""`philora push DIR --repo owner/name`: an adapter or a merged model to the Hugging Face Hub, in one commit.
+"""`philora push --adapter DIR | --merged DIR --repo owner/name`: an adapter or a merged model to the Hugging Face
+Hub, in one commit. (The last release's `philora push DIR` still works, read as --adapter or --merged by what DIR
+holds, with a warning.)
 
-What goes up depends on what DIR is:
-- a run dir (run.json and adapter/): the adapter's files at the top of the repo, where peft and transformers look
-  for them, and beside them the run's records that the card cites: run.json, eval.json, eval.md;
-- a run's adapter/ (or any peft adapter dir), or a merged model dir (one with merge.json; refused when it records
-  a failed parity check): the dir's files.
+What goes up:
+- --adapter, a run dir (run.json and adapter/): the adapter's files at the top of the repo, where peft and
+  transformers look for them, and beside them the run's records that the card cites: run.json, eval.json, eval.md;
+- --adapter, a run's adapter/ (or any peft adapter dir), or --merged, a merged model dir (one with merge.json;
+  refused when it records a failed parity check): the dir's files.
 Never checkpoints/, __pycache__/, or hidden files and folders (.cache/, .git/).
 
 The model card: a README.md someone wrote goes up as it is. When there is none, or it is peft's empty template, or
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from philora.errors import UserError
 from philora.export.card import CARD, MERGE_RECORD, is_hub_id, model_card, replaceable
+from philora.flags import typed, warn_deprecated
 from philora.rundir import EVAL_FILES, RunDir
 
 SKIPPED_DIRS = ("checkpoints", "__pycache__")
@@ -49,7 +52,8 @@ class Upload:
 
 def main(args: argparse.Namespace) -> int:
     repo = check_repo(args.repo)
-    uploads = plan(Path(args.dir).expanduser(), repo)
+    path, flag, kind = what_to_push(args)
+    uploads = plan(path, repo, flag, kind)
     token = None if args.dry_run else require_token()
     print(listing(uploads, repo, args.private, args.revision))
     if args.dry_run:
@@ -81,31 +85,58 @@ def require_token() -> str:
     return token
 
 
-def plan(path: Path, repo: str) -> list[Upload]:
-    """The files to commit, sorted by their path in the repo."""
+def what_to_push(args: argparse.Namespace) -> tuple[Path, str, str]:
+    """(the dir, the flag as typed, "adapter" or "merged"): --adapter DIR or --merged DIR, or the old positional DIR
+    read as one of them by what it holds."""
+    given = [(typed(args, dest, f"--{dest}"), getattr(args, dest), dest) for dest in ("adapter", "merged")]
+    given = [g for g in given if g[1] is not None]
+    if args.dir is not None:
+        path = Path(args.dir).expanduser()
+        kind = "merged" if (path / MERGE_RECORD).is_file() else "adapter"
+        given.append(("DIR", args.dir, kind))
+        if len(given) == 1:
+            warn_deprecated("push DIR", f"push --{kind} DIR")
+    if len(given) != 1:
+        both = f"{' and '.join(flag for flag, _, _ in given)}: " if given else ""
+        raise UserError(
+            f"push: {both}give one: --adapter DIR (a run dir or its adapter/) or --merged DIR (a merged model)"
+        )
+    flag, value, kind = given[0]
+    return Path(value).expanduser(), flag, kind
+
+
+def plan(path: Path, repo: str, flag: str = "--adapter", kind: str = "adapter") -> list[Upload]:
+    """The files to commit for the adapter or merged model (`kind`) at `path`, named `flag` as the user typed it;
+    sorted by their path in the repo."""
+    give = "give a run dir or its adapter/" if kind == "adapter" else "give a `philora merge --output` dir"
     if not path.is_dir():
-        raise UserError(f"DIR {path}: no such directory; give a run dir, its adapter/ or a merged model dir")
+        raise UserError(f"{flag} {path}: no such directory; {give}")
     run = RunDir(path)
-    if (run.adapter / "adapter_config.json").is_file():
+    adapter = (path / "adapter_config.json").is_file()
+    if kind == "adapter" and (run.adapter / "adapter_config.json").is_file():
         model_dir = run.adapter
         records = [Upload(name, path / name) for name in RUN_RECORDS if (path / name).is_file()]
-    elif (path / "adapter_config.json").is_file() or (path / MERGE_RECORD).is_file():
+    elif (kind == "adapter" and adapter) or (kind == "merged" and (path / MERGE_RECORD).is_file()):
         model_dir, records = path, []
+    elif kind == "merged" and (adapter or (run.adapter / "adapter_config.json").is_file()):
+        raise UserError(f"{flag} {path}: is an adapter, not a merged model; push it with --adapter {path}")
+    elif kind == "adapter" and (path / MERGE_RECORD).is_file():
+        raise UserError(f"{flag} {path}: is a merged model, not an adapter; push it with --merged {path}")
     else:
-        raise UserError(
-            f"DIR {path}: holds no adapter (adapter_config.json, or adapter/ in a run dir) and no merged model "
-            "(merge.json); give a run dir, its adapter/ or a `philora merge --output` dir"
-        )
-    check_merge(model_dir)
+        holds = "no adapter (adapter_config.json, or adapter/ in a run dir)" if kind == "adapter" else (
+            "no merged model (merge.json)"
+        )  # fmt: skip
+        raise UserError(f"{flag} {path}: holds {holds}; {give}")
+    check_merge(model_dir, flag)
     files = [Upload(p.relative_to(model_dir).as_posix(), p) for p in model_files(model_dir)]
     return sorted([card_upload(model_dir, repo), *files, *records], key=lambda u: u.path_in_repo)
 
 
-def check_merge(model_dir: Path) -> None:
+def check_merge(model_dir: Path, flag: str) -> None:
     record = model_dir / MERGE_RECORD
     if record.is_file() and not json.loads(record.read_text()).get("passed", False):
         raise UserError(
-            f"DIR {model_dir}: merge.json records a merge that failed its parity check (passed: false); do not "
+            f"{flag} {model_dir}: merge.json records a merge that failed its parity check (passed: false); do not "
             "publish it: merge again (philora merge) and push the new dir"
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from philora.export import layouts, llamacpp
-from philora.export.merge import PARITY_CONVERSATIONS, compare, logits_of, parity_prompts
+from philora.export.merge import PARITY_CONVERSATIONS, compare, logits_of, parity_line, parity_prompts
 from philora.infer.generation import Row, Settings, generate
 
 # What each type is judged by. Float types and q8_0 round every weight by a known small amount, so the largest
@@ -161,19 +161,17 @@ def problems(record: dict[str, Any]) -> list[str]:
 
 
 def summary(what: str, record: dict[str, Any]) -> str:
-    """One line for stderr: agreement, logit distance and answers."""
+    """What stderr says of the check: the parity line (merge's format), the same past a longrope model's original
+    context, and how the greedy answers compare."""
     if "load_error" in record:
         return f"philora: {what}: llama.cpp does not load it"
-    p = record["parity"]
-    bound = f" (bound {p['tolerance']:.2g})" if p["tolerance"] is not None else ""
-    floor = f" (floor {p['top1_floor']:.0%})" if p["top1_floor"] is not None else ""
-    line = (
-        f"philora: {what} in llama.cpp, {p['positions']} positions: top-1 agreement {p['top1_agreement']:.1%}"
-        f"{floor}, max |Δlogit| {p['relative']:.2e} of the logit scale{bound}; "
-        f"greedy answers identical {record['answers_identical']}/{len(record['answers'])}, "
-        f"stopped alike {record['answers_stopped_alike']}/{len(record['answers'])}"
-    )
+    lines = [parity_line(f"{what} in llama.cpp vs transformers", record["parity"])]
     if "long_context" in record:
         long = record["long_context"]
-        line += f"; past {long['from']} tokens: top-1 {long['top1_agreement']:.1%}, {long['relative']:.2e}"
-    return line
+        lines.append(parity_line(f"{what} past {long['from']} tokens", long))
+    n = len(record["answers"])
+    lines.append(
+        f"philora: {what} greedy answers: {record['answers_identical']}/{n} identical to transformers', "
+        f"{record['answers_stopped_alike']}/{n} stopped alike"
+    )
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 An adapter directory written by `philora train` sits in a run directory whose `run.json` records the model
 section it was trained with; that is the base it belongs to. Adapters from elsewhere name their base in
-`adapter_config.json` (`base_model_name_or_path`). `--model` overrides both. The base is never quantised for
+`adapter_config.json` (`base_model_name_or_path`). `--base` overrides both. The base is never quantised for
 these commands, even for a QLoRA adapter: quantisation is a training-time memory trick, and answers or merges
 from a de-quantised 4-bit copy would differ from the original weights.
 
@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 import typing
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from philora import progress
 from philora.config import ModelSection
 from philora.errors import UserError
 from philora.rundir import RunDir
@@ -61,7 +61,7 @@ def read_adapter(path: str | Path, name: str = "default") -> Adapter:
 
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
-        raise UserError(f"--adapter {path}: adapter_config.json names no base model; pass --model")
+        raise UserError(f"--adapter {path}: adapter_config.json names no base model; pass --base")
     # An adapter of the embedded model names its converted cache dir, which on this machine may be elsewhere.
     return Adapter(name, path, ModelSection(name_or_path=None if is_embedded(base) else base))
 
@@ -103,7 +103,7 @@ def weights_dtype(adapters: list[Adapter], requested: str | None) -> str:
     if len(recorded) != 1:
         return "auto"
     (dtype,) = recorded
-    print(f"philora: loading the weights in {dtype}, as the run trained (--dtype to change)", file=sys.stderr)
+    progress.say(f"loading the weights in {dtype}, as the run trained (--dtype to change)")
     return dtype
 
 
@@ -122,7 +122,7 @@ def autocast(adapter: Adapter | None) -> AbstractContextManager[Any]:
 def base_section(
     adapters: list[Adapter], model: str | None, dtype: str | None = None, trust_remote_code: bool = False
 ) -> ModelSection:
-    """The unquantised base to load: --model if given, else the one every adapter was trained on; in --dtype,
+    """The unquantised base to load: --base if given, else the one every adapter was trained on; in --dtype,
     else in the dtype the runs trained in; running its own code only with --trust-remote-code."""
     dtype = weights_dtype(adapters, dtype)
     if model is not None:
@@ -130,25 +130,23 @@ def base_section(
     bases = {a.model.name_or_path for a in adapters}
     if len(bases) > 1:
         names = ", ".join(f"{a.name}: {a.model.name_or_path or 'the embedded model'}" for a in adapters)
-        raise UserError(f"--adapter: these adapters were trained on different base models ({names}); pass --model")
+        raise UserError(f"--adapter: these adapters were trained on different base models ({names}); pass --base")
     first = adapters[0].model if adapters else ModelSection()
     if first.quantization:
-        print(
-            f"philora: the adapter was trained on a {first.quantization} base; loading the original weights "
-            "unquantised",
-            file=sys.stderr,
+        progress.say(
+            f"the adapter was trained on a {first.quantization} base; loading the original weights unquantised"
         )
     return dataclasses.replace(first, quantization=None, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def base_named(adapters: list[Adapter], model: str | None) -> AbstractContextManager[None]:
+def base_named(adapters: list[Adapter], model: str | None, flag: str = "--base") -> AbstractContextManager[None]:
     """Loads inside name a base that cannot be loaded (missing, not a model, needing its own code) by where it came
-    from: --model, or the adapter whose run named it; a refusal of its code says when that run trusted the code (so
-    the user knows why a copied run dir stops at this)."""
+    from: `flag` as the user typed it (--base, or the old --model), or the adapter whose run named it; a refusal of
+    its code says when that run trusted the code (so the user knows why a copied run dir stops at this)."""
     from philora.model.load import named_by
 
     if model is not None or not adapters:
-        return named_by("--model")
+        return named_by(flag)
     trusted = next((a for a in adapters if a.trusted_code), None)
     if trusted is None:
         return named_by(f"--adapter {adapters[0].path}: its base")
@@ -159,14 +157,18 @@ def base_named(adapters: list[Adapter], model: str | None) -> AbstractContextMan
 
 
 def load(
-    adapters: list[Adapter], model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+    adapters: list[Adapter],
+    model: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    flag: str = "--base",
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) ready for generation: the base with every adapter loaded by name, the first active.
-    With no adapters the plain base model is returned."""
+    """(model, tokenizer) ready for generation: the base (`model`, named `flag` on the command line, else the
+    adapters') with every adapter loaded by name, the first active. With no adapters the plain base is returned."""
     from philora.model.load import load_model, load_tokenizer, without_bitsandbytes
 
     section = base_section(adapters, model, dtype, trust_remote_code)
-    with base_named(adapters, model), without_bitsandbytes():  # the base is never quantised here
+    with base_named(adapters, model, flag), without_bitsandbytes():  # the base is never quantised here
         tokenizer = load_tokenizer(section)
         base = load_model(section, training=False)
         if not adapters:

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from philora.data.render import ChatEncoder
 from philora.data.tools import BadTools, Syntax, check_tools
 from philora.errors import UserError
+from philora.flags import BASE, typed
 from philora.infer.generation import BadPrompt, Completion, Settings, complete
 from philora.infer.tool_calls import CallStream
 
@@ -255,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(*problems)
     tools = read_tools(args.tools) if args.tools else None
     adapters = [read_adapter(args.adapter)] if args.adapter else []
-    model, tokenizer = load(adapters, args.model, args.dtype, args.trust_remote_code)
+    model, tokenizer = load(adapters, args.base, args.dtype, args.trust_remote_code, typed(args, "base", BASE))
     encoder = ChatEncoder(tokenizer)
     if tools:
         encoder.use_tools()

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from philora import progress
 from philora.data.render import ChatEncoder
 from philora.errors import UserError
+from philora.flags import BASE, typed
 from philora.infer.adapters import Adapter, read_adapter
 from philora.infer.app import Api, build_app
 from philora.infer.worker import Worker
@@ -96,11 +98,11 @@ def main(args: argparse.Namespace) -> int:
     for line in exposure_warnings(args.host, key, from_flag=bool(args.api_key)):
         print(f"philora: warning: {line}", file=sys.stderr, flush=True)
     adapters = adapters_of(args.adapters)
-    base = base_name(args.model, adapters)
+    base = base_name(args.base, adapters)
     if base in {a.name for a in adapters}:
         raise UserError(f"--adapter {base}=...: the base model is served under that name; name the adapter otherwise")
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
-    model, tokenizer = load(adapters, args.model, args.dtype, args.trust_remote_code)
+    model, tokenizer = load(adapters, args.base, args.dtype, args.trust_remote_code, typed(args, "base", BASE))
     worker = Worker(model, serving_encoder(tokenizer), args.max_queue, args.max_batch_tokens)
     api = Api(base, [a.name for a in adapters], worker, key, args.max_new_tokens)
     return serve(api, sock, Limits(int(args.max_body_mb * (1 << 20)), args.read_timeout, args.graceful_timeout))
@@ -146,10 +148,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serving_encoder(tokenizer: Any) -> ChatEncoder:
-    """The chat encoder, able to render tools where the template can be given that (a ChatML one without)."""
+    """The chat encoder, able to render tools where the template can be given that (a ChatML one without). Said
+    in one line: most clients send no tools, and `chat --tools` and `train` say more where tools are used."""
     encoder = ChatEncoder(tokenizer)
     if encoder.tool_style == "chatml":
-        encoder.use_tools()
+        encoder.use_tools(say=False)
+        progress.say("requests with tools are rendered with philora's ChatML tools template (the model's own has none)")
     return encoder
 
 

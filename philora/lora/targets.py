@@ -8,12 +8,12 @@ or fail late. philora resolves targets itself and refuses names that match no mo
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from typing import Any
 
 import torch
 
+from philora import progress
 from philora.config import PeftSection
 from philora.errors import UserError
 from philora.lora import slices
@@ -112,7 +112,7 @@ def apply_lora(model: Any, pc: PeftSection, quantized: bool = False, say: bool =
     peft_model = get_peft_model(model, lora_config)
     slices.restrict(peft_model, specs, pc.r)
     if say:
-        print(describe_adapters(peft_model), file=sys.stderr)
+        progress.say(describe_adapters(peft_model).removeprefix("philora: "))
     return peft_model
 
 

@@ -12,13 +12,13 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from philora import progress
 from philora.errors import UserError
 from philora.model.layout import FUSED, PARENT
 from philora.paths import cache_root
@@ -140,7 +140,7 @@ def embedded_model_dir() -> Path:
     marker = target / "philora-source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("gguf_bytes") == gguf.stat().st_size:
         return target
-    print(f"philora: converting the embedded model to the Phi-3 layout (once) into {target}", file=sys.stderr)
+    progress.say(f"converting the embedded model to the Phi-3 layout (once) into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
     try:

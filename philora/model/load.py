@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from philora import hardware
+from philora import hardware, progress
 from philora.config import ModelSection
 from philora.errors import UserError
 from philora.model import embedded, packed_attention
@@ -104,27 +104,38 @@ def load_tokenizer(mc: ModelSection, *, say_pad: bool = True) -> Any:
     """The model's tokenizer with a pad token that is not its eos/end-of-turn token (so padding can never be
     confused with, or masked as, the token that ends an answer). `say_pad=False` for a tokenizer that only reads
     data, loaded before the model: a bad file then stops the command without the notice before its error."""
-    from transformers import AutoTokenizer
-
-    tokenizer = from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
-    ensure_safe_pad(tokenizer, say=say_pad)
+    tokenizer, pad = tokenizer_and_pad_notice(mc)
+    if say_pad and pad is not None:
+        notice(pad)
     return tokenizer
 
 
-def ensure_safe_pad(tokenizer: Any, say: bool = True) -> None:
-    """Replace a pad token that is the eos or end-of-turn token with a safe one, saying so (once a process)."""
+def tokenizer_and_pad_notice(mc: ModelSection) -> tuple[Any, str | None]:
+    """`load_tokenizer`'s tokenizer, and its notice about the pad token unsaid (None when there is none): for a
+    command that says it once its input has passed its checks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained(AutoTokenizer, model_source(mc), mc, "tokenizer")
+    return tokenizer, ensure_safe_pad(tokenizer, say=False)
+
+
+def ensure_safe_pad(tokenizer: Any, say: bool = True) -> str | None:
+    """Replace a pad token that is the eos or end-of-turn token with a safe one, saying so (once a process) unless
+    not `say`; returns what it says, or None when the pad was safe."""
     vocab = tokenizer.get_vocab()
     ends = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
-        return
+        return None
     for candidate in (tokenizer.unk_token, *PAD_CANDIDATES):
         if candidate and candidate in vocab and vocab[candidate] not in ends:
             old = tokenizer.pad_token
             tokenizer.pad_token = candidate
+            instead = f"padding with {candidate!r} (id {vocab[candidate]}) instead"
+            line = (f"pad token {old!r} is the end-of-sequence token; {instead}" if old is not None
+                    else f"the tokenizer has no pad token; {instead}")  # fmt: skip
             if say:
-                instead = f"padding with {candidate!r} (id {vocab[candidate]}) instead"
-                notice(f"pad token {old!r} is the end-of-sequence token; {instead}")
-            return
+                notice(line)
+            return line
     raise UserError(
         "the tokenizer has no pad token distinct from its eos token, and none of "
         f"{', '.join(PAD_CANDIDATES)} exists in its vocabulary; add one to the tokenizer before training"
@@ -133,9 +144,9 @@ def ensure_safe_pad(tokenizer: Any, say: bool = True) -> None:
 
 @functools.cache
 def notice(line: str) -> None:
-    """Say `line` on stderr once in this process: a fact about a model that each load of it would repeat (a
-    process that runs several commands, or loads a model more than once)."""
-    print(f"philora: {line}", file=sys.stderr)
+    """Say `line` once in this process (progress.say: not in a quiet command): a fact about a model that each load
+    of it would repeat (a process that runs several commands, or loads a model more than once)."""
+    progress.say(line)
 
 
 def check_attention(mc: ModelSection, dev: torch.device) -> None:

@@ -10,10 +10,11 @@ from typing import Any
 
 from philora import data, hardware
 from philora.config import Config
+from philora.config.relative import missing_data
 from philora.data import report as data_report
 from philora.errors import UserError
 from philora.model.load import load_tokenizer, model_source
-from philora.preflight import architecture, memory, tokens
+from philora.preflight import architecture, memory, schedule, tokens
 from philora.preflight.report import Report, size
 
 
@@ -21,12 +22,21 @@ def check(config: Config, measure: Callable[[Config, data.PreparedData, Report],
           as_json: bool = False) -> int:  # fmt: skip
     """Print the report for `config`; 0 when all is clear, 2 when there is a problem to fix. `measure` (the
     training side's trial steps, for --time) adds its findings when nothing else is wrong."""
+    if missing := missing_data(config):  # before the tokenizer loads: a mistyped path fails in a moment
+        raise UserError(*missing)
     report = Report()
     report.add("config", "ok (every field checked)")
-    tokenizer = load_tokenizer(config.model)
-    prepared = data.prepare(config.data, tokenizer, config.training_config.seed, config.training_config.method)
+    tokenizer = load_tokenizer(config.model, say_pad=False)  # the report's tokens section says what pads
+    tc = config.training_config
+    prepared = data.prepare(config.data, tokenizer, tc.seed, tc.method, model_context(config))
+    if prepared.length is not None:
+        report.add("data", prepared.length.describe(config.data.overlong))
+    if answers := data.resolve_generation_length(config, prepared):
+        report.add("data", answers)
     report.add("data", *data_report.describe(prepared, config.data, color=sys.stdout.isatty() and not as_json))
     report.facts["data"] = data_report.as_record(prepared, config.data)
+    report.facts["data"]["max_length"] = {"value": config.data.max_length, "auto": prepared.length is not None,
+                                          **(vars(prepared.length) if prepared.length is not None else {})}  # fmt: skip
     try:
         data.require_usable(prepared, config.data, config.training_config.method)
     except UserError as e:
@@ -38,6 +48,12 @@ def check(config: Config, measure: Callable[[Config, data.PreparedData, Report],
     for line in report.problems():
         print(line, file=sys.stderr)
     return 2 if report.errors else 0
+
+
+def model_context(config: Config) -> int | None:
+    """The model's context in tokens (its config.json's max_position_embeddings): what data.max_length: null stays
+    within."""
+    return getattr(architecture.model_config(config), "max_position_embeddings", None)
 
 
 def gate(config: Config, prepared: data.PreparedData) -> Report:
@@ -74,6 +90,8 @@ def inspect(config: Config, prepared: data.PreparedData, report: Report) -> None
                f"end-of-turn trained {facts['end_of_turn_trained']}; generation stops at "
                f"{facts['generation_stops_at']}")  # fmt: skip
     describe_memory(config, arch, memory.estimate(config, arch), report)
+    if prepared.train.samples:
+        schedule.describe(config, prepared, schedule.plan(config, prepared, arch.original_context), report)
 
 
 def describe_model(config: Config, arch: architecture.Architecture, report: Report) -> None:

@@ -24,7 +24,9 @@ class Report:
         for section, lines in self.lines.items():
             for i, line in enumerate(lines):
                 out.append(f"{section if i == 0 else '':<{width}}{line}")
-        verdict = "all clear" if not self.errors else f"{len(self.errors)} problem(s) to fix"
+        # "all clear" only with nothing to read either: a warning names a run that works but will not learn well
+        verdict = (f"{len(self.errors)} problem(s) to fix" if self.errors
+                   else "nothing to fix" if self.warnings else "all clear")  # fmt: skip
         out.append(
             f"check: {verdict}, {len(self.warnings)} warning(s){' (below)' if self.errors or self.warnings else ''}"
         )

@@ -14,6 +14,7 @@ import torch
 from philora.config import TrainingSection
 from philora.errors import UserError
 from philora.eval import runner
+from philora.progress import Phase
 from philora.rundir import plot_losses
 from philora.train import checkpoint
 from philora.train.distributed import backward_kwargs, gathered_adapter, grad_norm
@@ -74,15 +75,18 @@ def optimizer_step(loss_fn: Any, batches: list[tuple[Batch, bool]], units: int, 
 
 
 def loop(run: Run) -> None:
-    """The optimizer steps from run.progress.step to the plan's last, with logging, eval and checkpoints."""
-    from tqdm.auto import tqdm
+    """The optimizer steps from run.progress.step to the plan's last, with logging, eval and checkpoints, their
+    progress shown as they go (a bar on a terminal, a line every half minute in a log)."""
+    with Phase("training", run.plan.total_steps, "step", initial=run.progress.step, leave=True,
+               show=run.main) as bar:  # fmt: skip
+        steps(run, bar)
 
+
+def steps(run: Run, bar: Phase) -> None:
     tc, plan, progress, log = run.tc, run.plan, run.progress, run.log
     pad_id = run.prepared.encoder.tokenizer.pad_token_id
     eval_samples = run.eval_samples
     window = progress.window
-    bar = tqdm(total=plan.total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not run.main)  # fmt: skip
     run.loss_fn.train()
     while progress.step < plan.total_steps:
         tick = time.perf_counter()
@@ -115,7 +119,7 @@ def loop(run: Run) -> None:
         lr = run.scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss / max(work.units, 1):.3f}", lr=f"{lr:.2e}",
-                        tok_s=f"{window.tokens / window.seconds:.0f}", refresh=False)  # fmt: skip
+                        tok_s=f"{window.tokens / window.seconds:.0f}")  # fmt: skip
 
         last_step = done == plan.total_steps
         if tc.logging_strategy != "no" and (
@@ -135,10 +139,11 @@ def loop(run: Run) -> None:
                 log.write({"step": done, **{f"eval_{name}": value for name, value in measured.items()}})
                 eval_loss = measured["loss"]
             else:
-                eval_loss = runner.eval_loss(run.loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id)
+                eval_loss = runner.eval_loss(run.loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id,
+                                             show=run.main)  # fmt: skip
                 log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+            bar.write(f"step {done}: eval loss {eval_loss:.4f}")
             if run.main:
-                bar.write(f"philora: step {done}: eval loss {eval_loss:.4f}")
                 plot_losses(log.records, run.files.loss_plot)
         if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
             weights = gathered_adapter(run.accelerator, run.loss_fn)  # every process takes part
@@ -147,4 +152,3 @@ def loop(run: Run) -> None:
             if run.main:
                 checkpoint.save(run.files.root, run.model, run.optimizer, run.scheduler, saved, tc.save_total_limit,
                                 weights)  # fmt: skip
-    bar.close()

@@ -8,7 +8,6 @@ adapter's model card).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -20,21 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from philora import data, hardware
+from philora import data, hardware, progress
 from philora.config import Config, PeftSection, TrainingSection
+from philora.config.relative import missing_data
 from philora.data import report as data_report
 from philora.data.batching import row_width
 from philora.errors import UserError
-from philora.eval import report, runner, table
+from philora.eval import base_answers, report, runner, table
 from philora.export import card
 from philora.infer.adapters import read_adapter, read_run_config
 from philora.lora import slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
 from philora.model import fast_path, packed_attention
-from philora.model.load import load_model, load_tokenizer, longrope_boundary, without_bitsandbytes
+from philora.model.load import load_model, longrope_boundary, notice, tokenizer_and_pad_notice, without_bitsandbytes
 from philora.paths import umask_modes
-from philora.preflight.command import gate
+from philora.preflight.command import gate, model_context
 from philora.preflight.report import size
+from philora.progress import Phase
 from philora.rundir import RunDir, plot_losses
 from philora.train import checkpoint
 from philora.train.distributed import configure, gathered_adapter, sharded
@@ -61,6 +62,8 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if missing := missing_data(config):  # before anything loads or the output dir is touched
+        raise UserError(*missing)
     tc = config.training_config
     dev = hardware.device()
     # Under `accelerate launch` or torchrun this is one of several processes; alone it is the only one.
@@ -73,20 +76,38 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         log_dir = Path(tc.logging_dir) if tc.logging_dir else run.files.tensorboard
         # Reporters before the slow parts, so a missing package fails early.
         sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if run.main else []
-        run.tokenizer = load_tokenizer(config.model)
-        run.prepared = data.prepare(config.data, run.tokenizer, tc.seed, tc.method)
-    for line in data_report.describe(run.prepared, config.data, color=sys.stderr.isatty()):
-        run.say(f"data: {line}")
+        run.tokenizer, pad_notice = tokenizer_and_pad_notice(config.model)  # said once the data and config pass
+        run.prepared = data.prepare(config.data, run.tokenizer, tc.seed, tc.method, model_context(config))
+    if run.prepared.length is not None:  # data.max_length: null, resolved from the data just now
+        run.say(f"data: {run.prepared.length.describe(config.data.overlong)}")
+    if answers := data.resolve_generation_length(config, run.prepared):
+        run.say(f"data: {answers}")
     data.require_usable(run.prepared, config.data, tc.method)
     checked = gate(config, run.prepared)  # what `philora check` would refuse stops the run before the model loads
+    if run.main:  # after the checks: a run they stop leaves no file behind that a rerun would have to overwrite
+        tell_data(run.prepared, config, run.files)
     for warning in checked.warnings:
-        run.say(f"warning: {warning}")
-    if (estimate := checked.facts.get("memory")) is not None:
-        run.say(f"memory: one step needs about {size(estimate['total'])} (estimate; `philora check` itemises it)")
+        run.say(f"warning: {warning}", result=True)
+    if run.main and pad_notice is not None:
+        notice(pad_notice)
+    if run.main and (estimate := checked.facts.get("memory")) is not None:
+        progress.say(f"memory: one step needs about {size(estimate['total'])} (estimate; `philora check` itemises it)")
     run.log = MetricsLog(run.files.metrics if run.main else None, sinks)
     if run.prepared.eval:
         run.prompts = runner.prompts_and_references(run.prepared.eval.conversations, run.prepared.encoder)
     return run
+
+
+def tell_data(prepared: data.PreparedData, config: Config, files: RunDir) -> None:
+    """The data report in full in the run dir, and on screen in one line (`philora check` showed it whole), or whole
+    with -v."""
+    files.add_to_manifest([files.data_report.name])  # a resumed run of an older philora did not list it
+    files.data_report.write_text("\n".join(data_report.describe(prepared, config.data)) + "\n")
+    if progress.verbosity() >= progress.VERBOSE:
+        for line in data_report.describe(prepared, config.data, color=sys.stderr.isatty()):
+            progress.say(f"data: {line}")
+    else:
+        progress.say(f"data: {data_report.summary(prepared, config.data)} (in full: {files.data_report})")
 
 
 def build(run: Run) -> None:
@@ -103,7 +124,11 @@ def build(run: Run) -> None:
             questions = [(p, t) for p, _, t in run.prompts]
             answers = runner.answer(model, run.prepared.encoder, questions, tc.generation_max_length,
                                     tc.per_device_eval_batch_size, "starting model")  # fmt: skip
-        run.files.base_answers.write_text(json.dumps(answers, ensure_ascii=False) + "\n")
+        # with what they were computed from, so `philora eval` can tell when it may reuse them
+        computed = base_answers.answered(config.model, model, accelerator.mixed_precision, run.prepared.encoder,
+                                         questions, tc.generation_max_length,
+                                         tc.per_device_eval_batch_size)  # fmt: skip
+        base_answers.save(run.files.base_answers, answers, computed)
     if config.model.adapter is None:
         model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
     fast_path.install(model)
@@ -169,13 +194,17 @@ def attach_reference(run: Run, loss_fn: Any) -> None:
             continue
         # Batches of per_device_train_batch_size packed rows, like a step's: on CPU a forward runs fastest on few
         # rows (the demo's 53 pairs: 64 s one row at a time, 103 s twenty), and a step's rows fit in memory.
-        objective.reference = reference_logprobs(loss_fn, objective, run.tc.per_device_train_batch_size,
-                                                 run.accelerator, indices)  # fmt: skip
+        count = len(objective.pairs if indices is None else indices)
+        with Phase(f"dpo reference, {split} pairs", count, "pair", show=run.main) as phase:  # time so far, in logs
+            objective.reference = reference_logprobs(loss_fn, objective, run.tc.per_device_train_batch_size,
+                                                     run.accelerator, indices)  # fmt: skip
+            phase.update(count)
         if run.main:
             save_reference(path, objective.reference)
     pairs = len(used) + (len(run.eval_objective.pairs) if run.eval_objective else 0)
-    run.say(f"dpo: reference log-probabilities of {pairs:,} pairs in {time.time() - started:.0f}s "
-            f"(the model as training starts, kept in {run.files.reference('train').name})")  # fmt: skip
+    if run.main:
+        progress.say(f"dpo: reference log-probabilities of {pairs:,} pairs in {time.time() - started:.0f}s "
+                     f"(the model as training starts, kept in {run.files.reference('train').name})")  # fmt: skip
 
 
 def fit(run: Run) -> None:
@@ -195,7 +224,7 @@ def fit(run: Run) -> None:
             warn_if_threads_differ(found.state.get("torch_threads"))
             if newer := checkpoint.set_aside_newer(run.files.root, found):
                 run.say(f"set aside {', '.join(p.name for p in newer)} (newer than {found.path.name}, no longer "
-                        "counted): this run writes those steps again")  # fmt: skip
+                        "counted): this run writes those steps again", result=True)  # fmt: skip
     loop(run)
 
 
@@ -227,7 +256,7 @@ def finish(run: Run) -> TrainResult:
                 base=config.model.adapter is None
                 and not str(config.peft_config.init_lora_weights).startswith(INIT_FROM_WEIGHTS),
                 # recorded before training; a run resumed from an older philora's checkpoint answers them now
-                base_answers=json.loads(files.base_answers.read_text()) if files.base_answers.is_file() else None,
+                base_answers=base_answers.read(files.base_answers),
                 settings={"command": "train", "run": files.root.name, "adapter": str(files.adapter),
                           "base_model": config.model.name_or_path or "embedded", "data": source,
                           "conversations": len(run.prepared.eval.conversations)},
@@ -238,7 +267,7 @@ def finish(run: Run) -> TrainResult:
             with run.accelerator.autocast():
                 measured = run.eval_objective.evaluate(run.loss_fn, tc.per_device_train_batch_size)
         evaluation = {**(evaluation or {}), "preference": {"pairs": len(run.eval_objective.pairs), **measured}}
-        run.say(table.format_preference(evaluation["preference"], tc.method))
+        run.say(table.format_preference(evaluation["preference"], tc.method), result=True)
     write_run_record(files.root, config, run.prepared, run.model, run.progress, run.log.records, evaluation,
                      time.time() - run.started, run.accelerator.num_processes,
                      run.accelerator.mixed_precision)  # fmt: skip
@@ -246,7 +275,7 @@ def finish(run: Run) -> TrainResult:
         report.write_results(files.root, evaluation, files.root)
         print(table.format_comparison(evaluation), file=sys.stderr)
     card.write_card(files.adapter)  # last: it reads run.json and eval.json
-    run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}")
+    run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}", result=True)
     return TrainResult(files.root, run.model, evaluation)
 
 
@@ -292,6 +321,8 @@ def check_resume(out: Path, resume: str | bool | None, config: Config,
     found, skipped = checkpoint.choose(out, resume)
     for line in skipped if clean else []:
         print(f"philora: warning: {line}", file=sys.stderr)
+    if config.data.max_length is None:  # auto: the length the run chose from its data, which the checkpoint recorded
+        config.data.max_length = found.state["config"].get("data", {}).get("max_length")
     if diffs := checkpoint.config_differences(found.state["config"], config.to_dict()):
         raise UserError(*(f"--resume {found.path}: {d}; resume with the same settings" for d in diffs))
     return found

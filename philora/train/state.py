@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from philora import data
+from philora import data, progress
 from philora.config import Config, TrainingSection
 from philora.rundir import RunDir
 from philora.train.metrics import MetricsLog
@@ -88,9 +88,9 @@ class Run:
         """The process that writes files and talks to the user (the only one, outside data-parallel runs)."""
         return self.accelerator.is_main_process
 
-    def say(self, text: str) -> None:
-        """A message to the user, from the main process only."""
-        if self.main:
+    def say(self, text: str, *, result: bool = False) -> None:
+        """A message to the user, from the main process only; -q keeps notices to itself, not results or warnings."""
+        if self.main and (result or progress.verbosity() > progress.QUIET):
             print(f"philora: {text}", file=sys.stderr)
 
     @property
