@@ -45,6 +45,7 @@ def test_the_learning_rate_follows_the_model_size() -> None:
     assert learning_rate(3_800_000_000) == pytest.approx(2e-4)  # the usual LoRA rate at Phi-3-mini's size
     assert learning_rate(135_000_000) == pytest.approx(1.06e-3, rel=0.01)
     assert learning_rate(14_000_000_000) >= 1e-4 and learning_rate(1_000) == 2e-3  # bounded both ways
+    assert learning_rate(135_000_000, "dpo") == pytest.approx(1.06e-3 / 40, rel=0.01)  # demo-dpo's 5e-5 vs 2e-3
 
 
 def test_init_writes_a_config_for_a_csv_of_questions_and_answers(
@@ -73,6 +74,31 @@ def test_init_writes_a_config_for_a_csv_of_questions_and_answers(
     config = load_config(str(written))
     assert config.data.train == str(train) and config.data.eval == str(held_out)
     assert "# " in written.read_text().splitlines()[0]  # the header says what was read
+
+
+def test_init_on_preference_pairs_writes_a_dpo_config_with_a_gentler_rate(
+    tiny_phi3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text((ROOT / "philora" / "sample" / "preference-train.jsonl").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init", "pairs.jsonl", "--base", str(tiny_phi3)]) == 0
+    capsys.readouterr()
+    raw = yaml.safe_load((tmp_path / "pairs.yaml").read_text())
+    tc = raw["training_config"]
+    assert raw["data"]["format"] == "preference" and tc["method"] == "dpo"
+    config = load_config(str(tmp_path / "pairs.yaml"))
+    assert config.model.name_or_path == str(tiny_phi3)
+    sft = float(f"{learning_rate(_parameters(tiny_phi3)):.1g}")
+    assert tc["learning_rate"] < sft / 10  # preference tuning moves the model's own answers little
+
+
+def _parameters(model: Path) -> int:
+    from philora.config import ModelSection
+    from philora.config.fields import Config
+    from philora.preflight import architecture
+
+    return architecture.build(Config(ModelSection(name_or_path=str(model)))).parameters
 
 
 def test_init_refuses_to_replace_a_file_and_names_missing_data(

@@ -8,6 +8,7 @@ as long as the longest reference. `philora check` and `philora train` take the f
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -19,7 +20,7 @@ import yaml
 
 from philora import data
 from philora.config import Config, DataSection, ModelSection, PeftSection, TrainingSection
-from philora.data.batching import pack
+from philora.data.batching import row_width
 from philora.data.formats import Columns, column_names, detect
 from philora.data.guess import guess_columns
 from philora.data.lengths import answer_budget
@@ -27,7 +28,7 @@ from philora.data.sources import ROW_BYTES_FLOOR, read_source
 from philora.errors import UserError
 from philora.model.load import load_tokenizer, without_bitsandbytes
 from philora.paths import names_hub_dataset
-from philora.preflight import architecture, memory
+from philora.preflight import architecture, memory, schedule
 from philora.preflight.report import size
 
 MIN_STEPS_PER_EPOCH = 20  # fewer optimizer steps than this per pass and the schedule has little room to work
@@ -35,6 +36,7 @@ HOLD_OUT = 0.1  # of the training data, for evaluation, when no --eval is given 
 HOLD_OUT_FROM = 100  # conversations; below this a tenth is too few to measure anything
 MAX_EVAL = 100  # held-out conversations answered before and after training: enough to measure, quick on a CPU
 REFERENCE_LR, REFERENCE_SIZE = 2e-4, 3.8e9  # the usual LoRA rate for a Phi-3-mini-sized model
+PREFERENCE_SCALE = 5e-5 / 2e-3  # the demo-dpo preset's rate beside the sft demo's, on the same model
 
 
 @dataclass
@@ -91,6 +93,7 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
     if eval is None and conversations >= HOLD_OUT_FROM:
         config.data.eval = HOLD_OUT
         prepared = data.prepare(config.data, tokenizer, config.training_config.seed, method)
+    conversations = len(prepared.train.conversations)  # what trains (a preference pair is one), held-out ones out
     arch = architecture.build(config)
     lengths = sorted(len(s.input_ids) for s in prepared.train.samples)
     tokens = sum(lengths)
@@ -116,7 +119,7 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
         starter.set("data.max_eval_samples", MAX_EVAL, f"of {len(evals):,} held out: enough to measure, quick")
     for key in ("r", "lora_alpha", "lora_dropout", "target_modules"):
         starter.set(f"peft_config.{key}", getattr(PeftSection(), key))
-    tc = choose_training(config, arch, lengths, method, starter)
+    tc = choose_training(config, arch, prepared, method, starter)
     if evals:
         budget, answer = answer_budget(prepared.eval.samples if prepared.eval else [])
         starter.set("training_config.predict_with_generate", True,
@@ -131,29 +134,30 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
     starter.set("training_config.output_dir", f"out/{Path(train).stem}", "relative to where you run philora")
     where = "held out" if isinstance(config.data.eval, float) else "in --eval"
     starter.summary.append(
-        f"{conversations:,} conversations ({fmt}{', columns ' + _mapped(mapping) if mapping else ''}), "
-        f"{tokens:,} tokens"
+        f"{conversations:,} {'preference pairs' if method == 'dpo' else 'conversations'} to train on ({fmt}"
+        f"{', columns ' + _mapped(mapping) if mapping else ''}), {tokens:,} tokens"
     )
     starter.summary.append(f"{arch.name} with {arch.parameters / 1e6:,.0f}M parameters on {hardware_line()}")
     starter.summary.append(
         f"max_length {max_length}, {steps} steps ({tc.num_train_epochs:g} epochs) of up to "
-        f"{tc.per_device_train_batch_size * tc.gradient_accumulation_steps * max_length:,} tokens, "
+        f"{tc.per_device_train_batch_size * tc.gradient_accumulation_steps * row_width(method, max_length):,} tokens, "
         + (f"evaluated on {min(len(evals), MAX_EVAL)} conversations {where}" if evals else "no evaluation")
     )
     return starter
 
 
-def choose_training(config: Config, arch: architecture.Architecture, lengths: list[int], method: str,
+def choose_training(config: Config, arch: architecture.Architecture, prepared: data.PreparedData, method: str,
                     starter: Starter) -> TrainingSection:  # fmt: skip
     """Epochs by the dataset's size, the micro-batch from the memory estimate and the data's size, the learning
     rate by the model's size; set on `config` and written to `starter`."""
     tc = config.training_config
-    conversations = len(lengths)
+    conversations = len(prepared.train.conversations)
     tc.num_train_epochs = 3.0 if conversations < 1000 else 2.0 if conversations < 10000 else 1.0
-    starter.set("training_config.method", method, "preference pairs" if method == "dpo" else "conversations")
+    what = "preference pairs" if method == "dpo" else "conversations"
+    starter.set("training_config.method", method, what)
     starter.set("training_config.num_train_epochs", int(tc.num_train_epochs),
-                f"{conversations:,} conversations: small data needs a few passes, large data one")  # fmt: skip
-    rows = len(pack(lengths, int(config.data.max_length)))
+                f"{conversations:,} {what}: small data needs a few passes, large data one")  # fmt: skip
+    rows = rows_per_epoch(config, prepared)  # packed rows, or pairs: what a micro-batch holds
     fits = False
     for batch in (8, 4, 2, 1):
         tc.per_device_train_batch_size = batch
@@ -167,21 +171,30 @@ def choose_training(config: Config, arch: architecture.Architecture, lengths: li
         starter.set("training_config.gradient_checkpointing", True, "one row does not fit without it")
     free = estimate.available or estimate.capacity or 0
     starter.set("training_config.per_device_train_batch_size", tc.per_device_train_batch_size,
-                f"{rows:,} packed rows; one step needs about {size(estimate.total)} of the {size(free)} free "
+                f"{rows:,} rows an epoch; one step needs about {size(estimate.total)} of the {size(free)} free "
                 f"({estimate.device})")  # fmt: skip
     if tc.per_device_train_batch_size < 4 and rows / 4 >= MIN_STEPS_PER_EPOCH:
         tc.gradient_accumulation_steps = 4 // tc.per_device_train_batch_size
         starter.set("training_config.gradient_accumulation_steps", tc.gradient_accumulation_steps,
                     "4 rows per optimizer step, through accumulation where memory allows fewer at once")  # fmt: skip
-    tc.learning_rate = float(f"{learning_rate(arch.parameters):.1g}")
-    starter.set("training_config.learning_rate", tc.learning_rate,
-                f"{REFERENCE_LR:g} for a {REFERENCE_SIZE / 1e9:.1f}B model, scaled by the square root of the size "
-                "ratio")  # fmt: skip
+    tc.learning_rate = float(f"{learning_rate(arch.parameters, method):.1g}")
+    why = f"{REFERENCE_LR:g} for a {REFERENCE_SIZE / 1e9:.1f}B model, scaled by the square root of the size ratio"
+    if method != "sft":
+        why += f"; {PREFERENCE_SCALE:g} of that for {method}, as demo-dpo beside the sft demo"
+    starter.set("training_config.learning_rate", tc.learning_rate, why)
     tc.lr_scheduler_type, tc.warmup_ratio = "cosine", 0.05
     starter.set("training_config.lr_scheduler_type", "cosine")
     starter.set("training_config.warmup_ratio", 0.05)
     starter.set("training_config.seed", 0)
     return tc
+
+
+def rows_per_epoch(config: Config, prepared: data.PreparedData) -> int:
+    """The rows of one epoch as training packs them, one a micro-batch: samples packed into rows for sft, pairs for
+    preference methods (from the plan training makes, as the check's)."""
+    single = copy.deepcopy(config)
+    single.training_config.per_device_train_batch_size = single.training_config.gradient_accumulation_steps = 1
+    return round(schedule.plan(single, prepared, None).steps_per_epoch)
 
 
 def hardware_line() -> str:
@@ -197,9 +210,11 @@ def hardware_line() -> str:
     return f"a {os.cpu_count()}-core CPU computing in {arithmetic}"
 
 
-def learning_rate(parameters: int) -> float:
-    """LoRA's usual rate for a model of this size: smaller models take larger steps."""
-    return min(2e-3, max(1e-4, REFERENCE_LR * math.sqrt(REFERENCE_SIZE / max(parameters, 1))))
+def learning_rate(parameters: int, method: str = "sft") -> float:
+    """LoRA's usual rate for a model of this size: smaller models take larger steps. Preference tuning starts from
+    the model's own answers and moves them little: PREFERENCE_SCALE of it."""
+    rate = min(2e-3, max(1e-4, REFERENCE_LR * math.sqrt(REFERENCE_SIZE / max(parameters, 1))))
+    return rate * PREFERENCE_SCALE if method != "sft" else rate
 
 
 def planned(config: Config, prepared: data.PreparedData) -> int:
