@@ -170,7 +170,10 @@ def _quantization_config(mc: ModelSection, dev: torch.device) -> Any:
 
     if mc.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if hardware.bf16_is_fast(dev) or dev.type == "cpu" else torch.float16
+    if dev.type == "cpu":  # the run's own dtype: fp32 where bf16 is emulated (a step of a 3.8B model: minutes, not s)
+        compute = hardware.resolve_dtype(mc.dtype, dev)
+    else:
+        compute = torch.bfloat16 if hardware.bf16_is_fast(dev) else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
