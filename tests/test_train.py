@@ -331,6 +331,28 @@ def test_a_reporter_without_its_package_says_what_to_install(
     assert "training_config.report_to: wandb needs its package; pip install wandb" in capsys.readouterr().err
 
 
+def test_reporters_start_after_the_checks_with_the_values_auto_chose(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from philora.train import run as stages
+
+    started: list[dict] = []
+    monkeypatch.setattr(stages, "reporters", lambda kinds, log_dir, name, config: started.append(config) or [])
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, max_steps=1, eval_strategy="no", generation_max_length=None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert (
+        cli.main(["train", "--config", str(path), "--output", str(tmp_path / "a"), "--set", f"data.train={bad}"]) == 2
+    )
+    assert started == []  # a run the checks stop starts no dashboard run
+    auto = ["--set", "data.max_length=null"]
+    assert cli.main(["train", "--config", str(path), "--output", str(tmp_path / "b"), *auto]) == 0
+    (config,) = started
+    recorded = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert isinstance(config["data"]["max_length"], int) and config["data"] == recorded["data"]
+    assert isinstance(config["training_config"]["generation_max_length"], int)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_checkpointing_a_fraction_of_layers_keeps_the_losses(
     tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, dtype: str

@@ -93,13 +93,26 @@ def _tag(name: str) -> str:
     return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
 
 
-def reporters(report_to: str | list[str], log_dir: Path, name: str | None, config: dict[str, Any]) -> list[Any]:
-    """The sinks `report_to` names; a missing package is a UserError that says what to install."""
-    from philora.errors import UserError
-
+def reporter_kinds(report_to: str | list[str]) -> list[str]:
     names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return list(dict.fromkeys(n for n in names if n != "none"))
+
+
+def require_reporters(report_to: str | list[str]) -> None:
+    """A UserError naming what to install when a package `report_to` needs is missing: checked before anything slow,
+    while the sinks themselves start once the run's settings are resolved (`reporters`)."""
+    import importlib.util
+
+    for kind in reporter_kinds(report_to):
+        if importlib.util.find_spec(kind) is None:  # the package of each kind has the kind's name
+            _missing(kind)
+
+
+def reporters(report_to: str | list[str], log_dir: Path, name: str | None, config: dict[str, Any]) -> list[Any]:
+    """The sinks `report_to` names, given the run's `config` (with the values auto resolved); a missing package is
+    a UserError that says what to install."""
     sinks: list[Any] = []
-    for kind in dict.fromkeys(n for n in names if n != "none"):
+    for kind in reporter_kinds(report_to):
         try:
             if kind == "tensorboard":
                 sinks.append(TensorBoard(log_dir))
@@ -108,6 +121,11 @@ def reporters(report_to: str | list[str], log_dir: Path, name: str | None, confi
             else:
                 sinks.append(MLflow(name, config))
         except ImportError:
-            package = {"tensorboard": "tensorboard"}.get(kind, kind)
-            raise UserError(f"training_config.report_to: {kind} needs its package; pip install {package}") from None
+            _missing(kind)
     return sinks
+
+
+def _missing(kind: str) -> None:
+    from philora.errors import UserError
+
+    raise UserError(f"training_config.report_to: {kind} needs its package; pip install {kind}") from None

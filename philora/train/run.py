@@ -40,7 +40,7 @@ from philora.rundir import RunDir, plot_losses
 from philora.train import checkpoint
 from philora.train.distributed import configure, gathered_adapter, sharded
 from philora.train.loop import loop
-from philora.train.metrics import MetricsLog, reporters
+from philora.train.metrics import MetricsLog, reporters, require_reporters
 from philora.train.objective import make_objective, reference_logprobs, save_reference
 from philora.train.output import prepare_output_dir, save_adapter
 from philora.train.plan import make_plan
@@ -74,8 +74,7 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         set_log_level(tc.log_level)
         set_seed(tc.seed)
         log_dir = Path(tc.logging_dir) if tc.logging_dir else run.files.tensorboard
-        # Reporters before the slow parts, so a missing package fails early.
-        sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if run.main else []
+        require_reporters(tc.report_to)  # a missing package fails before the slow parts
         run.tokenizer, pad_notice = tokenizer_and_pad_notice(config.model)  # said once the data and config pass
         run.prepared = data.prepare(config.data, run.tokenizer, tc.seed, tc.method, model_context(config))
     if run.prepared.length is not None:  # data.max_length: null, resolved from the data just now
@@ -92,6 +91,9 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         notice(pad_notice)
     if run.main and (estimate := checked.facts.get("memory")) is not None:
         progress.say(f"memory: one step needs about {size(estimate['total'])} (estimate; `philora check` itemises it)")
+    # the reporters once the checks pass (no dashboard run for a run they stop), with max_length and the other
+    # values auto chose
+    sinks = reporters(tc.report_to, log_dir, tc.run_name, config.to_dict()) if run.main else []
     run.log = MetricsLog(run.files.metrics if run.main else None, sinks)
     if run.prepared.eval:
         run.prompts = runner.prompts_and_references(run.prepared.eval.conversations, run.prepared.encoder)
