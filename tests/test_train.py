@@ -107,6 +107,29 @@ def test_resume_continues_exactly(
     assert losses == [[r.get("loss"), r.get("eval_loss")] for r in read_jsonl(cut / "metrics.jsonl")]
 
 
+def test_a_run_resumes_with_evaluation_turned_on(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is evaluated is not what trains: a checkpoint of a run without evaluation (an earlier philora's default)
+    resumes with today's, and the starting model's answers are taken at the end."""
+    path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, do_eval=False, max_steps=4,
+                       save_steps=2, eval_strategy="no")  # fmt: skip
+    real_save = checkpoint.save
+
+    def save_then_die(*args: object, **kwargs: object) -> Path:
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    out = tmp_path / "out"
+    assert cli.main(["train", "--config", str(path), "--output", str(out)]) == 130
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    evaluate = ["--set", "training_config.predict_with_generate=true", "--set", "training_config.do_eval=null"]
+    assert cli.main(["train", "--config", str(path), "--output", str(out), "--resume", *evaluate]) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["before"] is not None and evaluation["after"] is not None
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path]) -> None:
     path = tiny_config(tmp_path, tiny_phi3, tiny_data, predict_with_generate=False, max_steps=3, save_steps=2)
     out = tmp_path / "out"

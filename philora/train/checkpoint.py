@@ -48,6 +48,12 @@ RESUMABLE_CHANGES = {
     "training_config.run_name",
     "training_config.overwrite_output_dir",
     "training_config.logging_first_step",
+    # what is evaluated, not what trains: a run of an earlier philora (whose defaults had no evaluation) resumes
+    # under today's auto values, and its answers before training are taken then (train/run.py finish)
+    "training_config.predict_with_generate",
+    "training_config.generation_max_length",
+    "training_config.per_device_eval_batch_size",
+    "training_config.do_eval",
 }
 
 
