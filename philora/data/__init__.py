@@ -253,6 +253,13 @@ def require_usable(prepared: PreparedData, dc: DataSection, method: str = "sft")
             )
 
 
+def resolved_lines(config: Config, prepared: PreparedData) -> list[str]:
+    """What auto chose from this data, a line each, for the check's report and train's notices: max_length (chosen
+    by `prepare`) and generation_max_length (resolved here)."""
+    lines = [prepared.length.describe(config.data.overlong)] if prepared.length is not None else []
+    return lines + [line for line in [resolve_generation_length(config, prepared)] if line]
+
+
 def resolve_generation_length(config: Config, prepared: PreparedData) -> str | None:
     """training_config.generation_max_length: null (auto) set from the eval data's reference answers (lengths.py);
     the line that says so, or None when the value was given or there is nothing to answer."""

@@ -29,10 +29,7 @@ def check(config: Config, measure: Callable[[Config, data.PreparedData, Report],
     tokenizer = load_tokenizer(config.model, say_pad=False)  # the report's tokens section says what pads
     tc = config.training_config
     prepared = data.prepare(config.data, tokenizer, tc.seed, tc.method, model_context(config))
-    if prepared.length is not None:
-        report.add("data", prepared.length.describe(config.data.overlong))
-    if answers := data.resolve_generation_length(config, prepared):
-        report.add("data", answers)
+    report.add("data", *data.resolved_lines(config, prepared))
     report.add("data", *data_report.describe(prepared, config.data, color=sys.stdout.isatty() and not as_json))
     report.facts["data"] = data_report.as_record(prepared, config.data)
     report.facts["data"]["max_length"] = {"value": config.data.max_length, "auto": prepared.length is not None,

@@ -6,6 +6,7 @@ function of the numbers, with its fix."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from philora import data
 from philora.config import Config, TrainingSection
@@ -33,8 +34,19 @@ class Schedule:
 
 def plan(config: Config, prepared: data.PreparedData, long_after: int | None) -> Schedule:
     """The schedule of the configured run on one process, from the same objective and plan `philora train` makes."""
-    # train's planning is pure (no model, no optimizer) and imports nothing from here; imported when used, as
-    # train/trial.py does, so that importing the check does not import training
+    lengths, made, width = _planned(config, prepared, long_after)
+    return Schedule(made.total_steps, made.per_epoch / made.accumulation, sum(lengths), width)
+
+
+def train_plan(config: Config, prepared: data.PreparedData, long_after: int | None) -> Any:
+    """The step plan (train/plan.py's Plan) of the configured run on one process."""
+    return _planned(config, prepared, long_after)[1]
+
+
+def _planned(config: Config, prepared: data.PreparedData, long_after: int | None) -> tuple[list[int], Any, int]:
+    """The training units' lengths, the plan train makes of them, and the row width."""
+    # train's planning is pure (no model, no optimizer) and imports nothing from here; imported when used, so that
+    # importing the check does not import training
     from philora.data.batching import row_width
     from philora.train.objective import make_objective
     from philora.train.plan import make_plan
@@ -43,8 +55,7 @@ def plan(config: Config, prepared: data.PreparedData, long_after: int | None) ->
     assert dc.max_length is not None  # data.prepare resolved it
     lengths = make_objective(prepared, tc.method, dc.max_length).lengths
     width = row_width(tc.method, dc.max_length)
-    made = make_plan(lengths, tc, width, dc.packing, 1, 0, long_after)
-    return Schedule(made.total_steps, made.per_epoch / made.accumulation, sum(lengths), width)
+    return lengths, make_plan(lengths, tc, width, dc.packing, 1, 0, long_after), width
 
 
 def describe(config: Config, prepared: data.PreparedData, schedule: Schedule, report: Report) -> None:

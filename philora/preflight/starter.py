@@ -127,7 +127,7 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
         starter.set("training_config.generation_max_length", budget,
                     f"the longest held-out answer is {answer} tokens")  # fmt: skip
         starter.set("training_config.per_device_eval_batch_size", 16)
-    steps = planned(config, prepared)
+    steps = schedule.plan(config, prepared, arch.original_context).steps
     starter.set("training_config.logging_steps", max(1, steps // 20))
     starter.set("training_config.save_steps", max(1, round(steps / tc.num_train_epochs)), "a checkpoint each epoch")
     starter.set("training_config.save_total_limit", 2)
@@ -157,7 +157,7 @@ def choose_training(config: Config, arch: architecture.Architecture, prepared: d
     starter.set("training_config.method", method, what)
     starter.set("training_config.num_train_epochs", int(tc.num_train_epochs),
                 f"{conversations:,} {what}: small data needs a few passes, large data one")  # fmt: skip
-    rows = rows_per_epoch(config, prepared)  # packed rows, or pairs: what a micro-batch holds
+    rows = rows_per_epoch(config, prepared, arch)  # packed rows, or pairs: what a micro-batch holds
     fits = False
     for batch in (8, 4, 2, 1):
         tc.per_device_train_batch_size = batch
@@ -189,12 +189,12 @@ def choose_training(config: Config, arch: architecture.Architecture, prepared: d
     return tc
 
 
-def rows_per_epoch(config: Config, prepared: data.PreparedData) -> int:
+def rows_per_epoch(config: Config, prepared: data.PreparedData, arch: architecture.Architecture) -> int:
     """The rows of one epoch as training packs them, one a micro-batch: samples packed into rows for sft, pairs for
     preference methods (from the plan training makes, as the check's)."""
     single = copy.deepcopy(config)
     single.training_config.per_device_train_batch_size = single.training_config.gradient_accumulation_steps = 1
-    return round(schedule.plan(single, prepared, None).steps_per_epoch)
+    return round(schedule.plan(single, prepared, arch.original_context).steps_per_epoch)
 
 
 def hardware_line() -> str:
@@ -215,13 +215,6 @@ def learning_rate(parameters: int, method: str = "sft") -> float:
     the model's own answers and moves them little: PREFERENCE_SCALE of it."""
     rate = min(2e-3, max(1e-4, REFERENCE_LR * math.sqrt(REFERENCE_SIZE / max(parameters, 1))))
     return rate * PREFERENCE_SCALE if method != "sft" else rate
-
-
-def planned(config: Config, prepared: data.PreparedData) -> int:
-    """The optimizer steps of the run `config` describes."""
-    from philora.train.trial import planned_steps  # train's side, as `philora check --time` uses it
-
-    return planned_steps(config, prepared)
 
 
 def detect_format(spec: str) -> tuple[str, dict[str, str] | None]:

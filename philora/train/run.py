@@ -77,10 +77,8 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
         require_reporters(tc.report_to)  # a missing package fails before the slow parts
         run.tokenizer, pad_notice = tokenizer_and_pad_notice(config.model)  # said once the data and config pass
         run.prepared = data.prepare(config.data, run.tokenizer, tc.seed, tc.method, model_context(config))
-    if run.prepared.length is not None:  # data.max_length: null, resolved from the data just now
-        run.say(f"data: {run.prepared.length.describe(config.data.overlong)}")
-    if answers := data.resolve_generation_length(config, run.prepared):
-        run.say(f"data: {answers}")
+    for line in data.resolved_lines(config, run.prepared):  # what auto chose from the data just read
+        run.say(f"data: {line}")
     data.require_usable(run.prepared, config.data, tc.method)
     checked = gate(config, run.prepared)  # what `philora check` would refuse stops the run before the model loads
     if run.main:  # after the checks: a run they stop leaves no file behind that a rerun would have to overwrite

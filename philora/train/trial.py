@@ -22,6 +22,7 @@ import torch
 from philora import progress
 from philora.config import Config
 from philora.data import PreparedData
+from philora.preflight import schedule
 from philora.preflight.report import Report, size
 from philora.preflight.schedule import EPOCHS_FIX, MANY_EPOCHS
 from philora.rundir import RunDir, read_records
@@ -201,22 +202,11 @@ def repeated_time(training: float, epochs: float) -> str:
 
 
 def run_plan(config: Config, prepared: PreparedData) -> Any:
-    """The step plan of the configured run on one process."""
-    from philora.data.batching import row_width
+    """The step plan of the configured run on one process, as the check's schedule makes it."""
     from philora.model.load import longrope_boundary
     from philora.preflight.architecture import model_config
-    from philora.train.objective import make_objective
-    from philora.train.plan import make_plan
 
-    tc, dc = config.training_config, config.data
-    lengths = make_objective(prepared, tc.method, dc.max_length).lengths
-    width = row_width(tc.method, dc.max_length)
-    return make_plan(lengths, tc, width, dc.packing, 1, 0, longrope_boundary(model_config(config)))
-
-
-def planned_steps(config: Config, prepared: PreparedData) -> int:
-    """The optimizer steps the configured run would take on one process."""
-    return run_plan(config, prepared).total_steps
+    return schedule.train_plan(config, prepared, longrope_boundary(model_config(config)))
 
 
 def _duration(seconds: float) -> str:
