@@ -88,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue from the newest checkpoint in the output dir, or from DIR",
     )
+    train.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when the trained model scores worse than the one it started from (training_config."
+        "fail_on_regression); the adapter and records are written all the same",
+    )
 
     preflight = sub.add_parser(
         "check",
@@ -278,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
 
     flags = [(flag, key, value) for flag, key, value in (
         ("--output", "training_config.output_dir", getattr(args, "output", None)),
+        ("--fail-on-regression", "training_config.fail_on_regression", getattr(args, "fail_on_regression", None)),
         (typed(args, "model", "--model"), "model.name_or_path", getattr(args, "model", None))) if value]  # fmt: skip
     # `philora config` loads no model: it shows the file's trust_remote_code as it is (None: neither grant nor refuse)
     config = load_config(args.config, args.overrides, getattr(args, "trust_remote_code", None), flags)
@@ -304,8 +311,13 @@ def run(args: argparse.Namespace) -> int:
             tokenizer = load_tokenizer(config.model, say_pad=False)
         return check(config, args.file, tokenizer, as_json=args.json, context=model_context(config))
     from philora.train.run import train
+    from philora.train.verdict import Regressed
 
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)
+    except Regressed as e:  # for pipelines: the run finished and wrote everything, and made the model worse
+        print(f"philora: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -213,7 +213,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and eval loss per evaluation, written to `path` as PNG."""
+    """Training loss per step and eval loss per evaluation, and below them the answers' scores of the evaluations
+    during training (exact match, ROUGE-L ..., reward accuracy) when there are any, written to `path` as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; set here, not at import, to leave other users alone
@@ -221,17 +222,36 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    scores = {name: [(r["step"], r[name]) for r in records if name in r] for name in score_names(records)}
+    fig, axes = plt.subplots(2 if scores else 1, 1, figsize=(7, 6.5 if scores else 4), dpi=110, squeeze=False,
+                             sharex=True)  # fmt: skip
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="#2f6db5")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="#d9822b")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per trained token")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        below = axes[1][0]
+        for name, points in scores.items():
+            steps, values = zip(*points, strict=True)
+            below.plot(steps, [100 * v for v in values], "o-", label=name.removeprefix("eval_"), markersize=3)
+        below.set_ylabel("held-out score, %")
+        below.grid(alpha=0.3)
+        below.legend(fontsize="small")
+    axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def score_names(records: list[dict[str, Any]]) -> list[str]:
+    """The shares (0 to 1) the evaluations logged: answers' scores and dpo/orpo's reward accuracy."""
+    skip = ("eval_loss", "eval_ppl", "eval_logps/", "eval_rewards/chosen", "eval_rewards/rejected",
+            "eval_rewards/margins")  # fmt: skip
+    names = {k for r in records for k in r if k.startswith("eval_") and not k.startswith(skip)}
+    return sorted(names)

@@ -89,6 +89,12 @@ def check_values(config: Config, place: Callable[[str], str]) -> list[str]:
             if on:
                 problems.append(f"{place('training_config.' + key)}: training_config.{key}: needs eval data; "
                                 "set data.eval to a file or a fraction of train")  # fmt: skip
+    for key, on in (("load_best_model_at_end", t.load_best_model_at_end),
+                    ("early_stopping_patience", t.early_stopping_patience is not None)):  # fmt: skip
+        if on and t.eval_strategy == "no":
+            problems.append(f"{place('training_config.' + key)}: training_config.{key}: needs evaluations during "
+                            "training to choose from; set training_config.eval_strategy: steps (with eval_steps) or "
+                            "epoch")  # fmt: skip
     types = [t.loss_type] if isinstance(t.loss_type, str) else t.loss_type
     if t.loss_weights is not None and len(t.loss_weights) != len(types):
         problems.append(f"{place('training_config.loss_weights')}: training_config.loss_weights: {len(t.loss_weights)} "

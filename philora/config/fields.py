@@ -273,12 +273,62 @@ class TrainingSection:
         "compute eval loss at the end (and per eval_strategy); null = auto: true when the run has eval data "
         "(data.eval, or the sample data's eval split) and no sft answers after training (which report it already)",
     )
-    eval_strategy: Literal["no", "steps", "epoch"] = doc("no", "when to compute eval loss during training")
+    eval_strategy: Literal["no", "steps", "epoch"] = doc(
+        "no",
+        "when to evaluate during training: the eval loss, and with predict_with_generate the answers' scores "
+        "(exact match, ROUGE-L, JSON, tool calls), logged as eval_* in metrics.jsonl and drawn in loss.png",
+    )
     eval_steps: int | None = doc(
         None,
         "eval every this many steps (null = logging_steps)",
         check=lambda v: v is None or v >= 1,
         fix="use a value >= 1, or null for logging_steps",
+    )
+    eval_generate_samples: int | None = doc(
+        None,
+        "held-out prompts answered at each evaluation during training, the first N (null = all of them); the "
+        "answers before and after training always cover all",
+        check=lambda v: v is None or v >= 1,
+        fix="use a value >= 1, or null for all the held-out prompts",
+    )
+    metric_for_best_model: str | None = doc(
+        None,
+        "the eval metric that picks the best step and that early stopping and the regression check watch, as "
+        "logged (eval_exact_match, eval_rouge_l, eval_json_match, eval_loss, eval_rewards/accuracies ...; the eval_ "
+        "may be left out); null = eval_exact_match when answers are scored during training, else eval_loss",
+    )
+    greater_is_better: bool | None = doc(
+        None, "whether a larger metric_for_best_model is better; null = false for a loss or perplexity, else true"
+    )
+    load_best_model_at_end: bool = doc(
+        False,
+        "write the adapter of the best evaluation (per metric_for_best_model) as the run's adapter, not the last "
+        "step's; needs eval_strategy steps or epoch",
+    )
+    early_stopping_patience: int | None = doc(
+        None,
+        "stop training after this many evaluations in a row without improving metric_for_best_model by more than "
+        "early_stopping_threshold (null = never stop early); needs eval_strategy steps or epoch",
+        check=lambda v: v is None or v >= 1,
+        fix="use a value >= 1, or null to never stop early",
+    )
+    early_stopping_threshold: float = doc(
+        0.0,
+        "the least change of metric_for_best_model that counts as improving, for early stopping",
+        check=lambda v: v >= 0,
+        fix="use a value >= 0",
+    )
+    fail_on_regression: bool = doc(
+        False,
+        "exit 1 (after writing everything) when the trained model scores worse than the model it started from on "
+        "metric_for_best_model; `philora train --fail-on-regression` sets it",
+    )
+    neftune_noise_alpha: float | None = doc(
+        None,
+        "NEFTune: uniform noise on the input embeddings while training (never in evaluation or in the saved "
+        "adapter), scaled by alpha / sqrt(tokens of the sequence x hidden size); 5 is the paper's usual value",
+        check=lambda v: v is None or v > 0,
+        fix="use a positive value (5 is usual), or null for none",
     )
     save_strategy: Literal["no", "steps", "epoch"] = doc("steps", "when to write checkpoints")
     save_steps: int = doc(
@@ -333,10 +383,8 @@ NOT_HONOURED = {
         "deepspeed",
         "fsdp",
         "push_to_hub",
-        "load_best_model_at_end",
         "dataloader_num_workers",
         "label_smoothing_factor",
-        "neftune_noise_alpha",
         "resume_from_checkpoint",
         "eval_on_start",
         "tf32",

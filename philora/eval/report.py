@@ -17,7 +17,7 @@ from typing import Any
 
 from philora.errors import UserError
 from philora.eval.table import RUNS, format_delta, format_value, metric_rows, present_runs
-from philora.rundir import EVAL_FILES, RunDir, plot_losses, read_records
+from philora.rundir import EVAL_FILES, RunDir, plot_losses, read_records, score_names
 
 HTML_SAMPLES = 100  # samples shown in report.html; eval.json has them all
 MD_SAMPLES = 5
@@ -131,7 +131,9 @@ def loss_section(records: list[dict[str, Any]] | None) -> str:
 
 def loss_plot_alt(records: list[dict[str, Any]]) -> str:
     train, evals = any("loss" in r for r in records), any("eval_loss" in r for r in records)
-    return " and ".join(name for name, logged in (("train loss", train), ("eval loss", evals)) if logged)
+    scores = bool(score_names(records))
+    return " and ".join(name for name, logged in (("train loss", train), ("eval loss", evals),
+                                                  ("held-out scores", scores)) if logged)  # fmt: skip
 
 
 def loss_caption(records: list[dict[str, Any]]) -> str:
@@ -143,7 +145,10 @@ def loss_caption(records: list[dict[str, Any]]) -> str:
         parts.append("eval loss at each evaluation")
     else:
         parts.append("no eval loss (the run evaluated no loss during training)")
-    return f"cross-entropy per trained token: {', '.join(parts)} (from metrics.jsonl)"
+    text = f"cross-entropy per trained token: {', '.join(parts)}"
+    if names := score_names(records):
+        text += f"; below, the held-out scores of each evaluation during training ({', '.join(names)})"
+    return text + " (from metrics.jsonl)"
 
 
 def metrics_note(evaluation: dict[str, Any]) -> str:
@@ -191,8 +196,37 @@ def run_summary(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("steps", f"{run.get('steps', '?')}, {run.get('trained_tokens', 0):,} trained tokens"),
         ("time", speed),
         ("final loss", final),
+        ("adapter", selection_summary(run.get("selection"))),
     ]  # fmt: skip
     return [(k, v) for k, v in rows if v]
+
+
+def selection_summary(chosen: dict[str, Any] | None) -> str:
+    """Which step's weights the adapter holds and why, for a run that evaluated during training."""
+    if not chosen:
+        return ""
+    metric, greater = chosen["metric"], chosen["greater_is_better"]
+
+    def value(v: float) -> str:
+        return f"{v:.4f}" if metric.endswith(("loss", "ppl")) else f"{100 * v:.1f}%"
+
+    best = (
+        f"the best {metric} ({'higher' if greater else 'lower'} is better) was {value(chosen['best_value'])} at "
+        f"step {chosen['best_step']}"
+    )
+    if chosen["adapter_step"] == chosen["best_step"] and chosen.get("load_best_model_at_end"):
+        text = (
+            f"step {chosen['adapter_step']}, chosen by load_best_model_at_end: {best}; the last evaluation "
+            f"(step {chosen['last_step']}) had {value(chosen['last_value'])}"
+        )
+    else:
+        text = f"the last step ({chosen['adapter_step']}): {value(chosen['adapter_value'])}; {best}"
+    if chosen.get("stopped_early"):
+        text += (
+            f"; stopped early at step {chosen['last_step']} after {chosen['early_stopping_patience']} "
+            "evaluations without improving"
+        )
+    return text
 
 
 def _number(value: Any) -> str:

@@ -37,6 +37,7 @@ TRAINER = "trainer.json"  # the optimizer, scheduler and RNG states; their tenso
 TRAINER_TENSORS = "trainer.safetensors"
 PICKLED = "trainer.pt"  # where earlier philora versions kept them, pickled: never read
 ADAPTER = "adapter/adapter_model.safetensors"
+BEST = "best_adapter.safetensors"  # load_best_model_at_end: the best evaluation's weights, when not this step's
 RESTORED = ("optimizer", "scheduler", "rng")  # what trainer.json holds
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_CHANGES = {
@@ -54,6 +55,7 @@ RESUMABLE_CHANGES = {
     "training_config.generation_max_length",
     "training_config.per_device_eval_batch_size",
     "training_config.do_eval",
+    "training_config.fail_on_regression",  # a verdict on the finished run, not a setting of the training
 }
 
 
@@ -97,6 +99,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: RngState
+    best: dict[str, torch.Tensor] | None = None  # BEST's weights, when written
 
     @property
     def step(self) -> int:
@@ -128,16 +131,19 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int | None,
-         weights: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
-    """Write checkpoint `step-N`, then prune to the newest `keep`; `weights` is the gathered state dict of a sharded
-    (FSDP/DeepSpeed) model, None to read the model directly. A full disk is a UserError, the partial files gone."""
+         weights: dict[str, torch.Tensor] | None = None, best: dict[str, torch.Tensor] | None = None,
+         best_step: int | None = None) -> Path:  # fmt: skip
+    """Write checkpoint `step-N`, then prune to the newest `keep` and the one of `best_step`, if any; `weights` is
+    the gathered state dict of a sharded (FSDP/DeepSpeed) model, None to read the model directly; `best` the best
+    evaluation's adapter weights, kept for load_best_model_at_end. A full disk is a UserError, the partial files
+    gone."""
     root = RunDir(output_dir).checkpoints
     final = root / f"{PREFIX}{state['step']}"
     tmp = root / f"{TEMPORARY}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     cause, need = None, 0
     try:
-        write(tmp, model, optimizer, scheduler, state, weights)
+        write(tmp, model, optimizer, scheduler, state, weights, best)
     except Exception as e:
         # torch's writer reports a full disk as a RuntimeError ("basic_ios::clear", "unexpected pos") without the
         # errno, so a failed write with less room left than the checkpoint needs counts as a full disk too.
@@ -155,15 +161,19 @@ def save(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: di
             "training_config.save_total_limit)" + (f" and continue from {last[-1]} with --resume" if last else "")
         )
     put_in_place(tmp, final)
-    prune(root, keep)
+    prune(root, keep, best_step)
     return final
 
 
 def write(tmp: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
-          weights: dict[str, torch.Tensor] | None) -> None:  # fmt: skip
+          weights: dict[str, torch.Tensor] | None, best: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """The checkpoint's files into `tmp`, flushed, the marker last."""
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "adapter", state_dict=weights)
+    if best is not None:
+        save_file({k: v.contiguous() for k, v in best.items()}, tmp / BEST)
     trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": vars(RngState.capture())}  # fmt: skip
     plain.save(trainer, tmp / TRAINER, tmp / TRAINER_TENSORS)
@@ -184,10 +194,10 @@ def seal(tmp: Path) -> None:
     fsync(tmp)
 
 
-def prune(root: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints; remove stale temporary dirs and incomplete checkpoints older
-    than the newest complete one (what kills left). The marker goes first, so a kill mid-removal leaves a dir that
-    is not counted."""
+def prune(root: Path, keep: int | None, best_step: int | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints, and the best evaluation's (`best_step`) besides; remove stale
+    temporary dirs and incomplete checkpoints older than the newest complete one (what kills left). The marker
+    goes first, so a kill mid-removal leaves a dir that is not counted."""
     for stale in root.glob(f"{TEMPORARY}*"):
         shutil.rmtree(stale, ignore_errors=True)
     complete = [p for p in step_dirs(root) if (p / MARKER).is_file()]
@@ -195,7 +205,7 @@ def prune(root: Path, keep: int | None) -> None:
         return
     newest = step_of(complete[-1]) or 0
     doomed = [p for p in step_dirs(root) if not (p / MARKER).is_file() and (step_of(p) or 0) < newest]
-    doomed += complete[:-keep] if keep else []
+    doomed += [p for p in complete[:-keep] if step_of(p) != best_step] if keep else []
     for old in doomed:
         (old / MARKER).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -266,7 +276,9 @@ def read(path: Path) -> Checkpoint:
         raise Damaged(f"{TRAINER} lacks the {', '.join(RESTORED)} state")
     try:
         adapter = load_file(path / ADAPTER, device="cpu")
-        return Checkpoint(path, state, adapter, trainer["optimizer"], trainer["scheduler"], RngState(**trainer["rng"]))
+        best = load_file(path / BEST, device="cpu") if (path / BEST).is_file() else None
+        return Checkpoint(path, state, adapter, trainer["optimizer"], trainer["scheduler"], RngState(**trainer["rng"]),
+                          best)  # fmt: skip
     except Exception as e:
         raise Damaged(f"{ADAPTER} or {TRAINER} does not load ({first_line(e)})") from None
 

@@ -13,12 +13,12 @@ import torch
 
 from philora.config import TrainingSection
 from philora.errors import UserError
-from philora.eval import runner
 from philora.progress import Phase
 from philora.rundir import plot_losses
-from philora.train import checkpoint
+from philora.train import checkpoint, evaluation
 from philora.train.distributed import backward_kwargs, gathered_adapter, grad_norm
 from philora.train.plan import Plan
+from philora.train.selection import greater_is_better, patience_out, record, shown
 from philora.train.state import Run, Window
 
 
@@ -84,7 +84,6 @@ def loop(run: Run) -> None:
 
 def steps(run: Run, bar: Phase) -> None:
     tc, plan, progress, log = run.tc, run.plan, run.progress, run.log
-    pad_id = run.prepared.encoder.tokenizer.pad_token_id
     eval_samples = run.eval_samples
     window = progress.window
     run.loss_fn.train()
@@ -125,30 +124,60 @@ def steps(run: Run, bar: Phase) -> None:
         if tc.logging_strategy != "no" and (
             due(tc.logging_strategy, tc.logging_steps, done, plan) or last_step or (tc.logging_first_step and done == 1)
         ):
-            units = max(window.units or window.trained, 1)  # a window saved before units existed counted tokens
-            log.write({"step": done, "epoch": round(plan.epochs_done(done), 4), "loss": window.loss / units,
-                       **{name: value / units for name, value in window.stats.items()}, "lr": lr, "grad_norm": norm,
-                       "tokens_per_s": window.tokens / window.seconds, "tokens": progress.tokens,
-                       "elapsed_s": round(progress.train_seconds, 2)})  # fmt: skip
-            window = progress.window = Window()
+            window = progress.window = log_window(log, window, done, plan, lr, norm, progress)
         final_eval = last_step and (tc.do_eval or tc.eval_strategy != "no")
+        stop = False
         if eval_samples and (due(tc.eval_strategy, tc.eval_steps or tc.logging_steps, done, plan) or final_eval):
-            if run.eval_objective is not None:  # a preference loss and its statistics on the eval pairs
-                measured = run.eval_objective.evaluate(run.loss_fn, tc.per_device_train_batch_size)
-                run.final_pair_eval = measured if last_step else None
-                log.write({"step": done, **{f"eval_{name}": value for name, value in measured.items()}})
-                eval_loss = measured["loss"]
-            else:
-                eval_loss = runner.eval_loss(run.loss_fn, eval_samples, tc.per_device_eval_batch_size, pad_id,
-                                             show=run.main)  # fmt: skip
-                log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-            bar.write(f"step {done}: eval loss {eval_loss:.4f}")
-            if run.main:
-                plot_losses(log.records, run.files.loss_plot)
+            stop = evaluate(run, done, last_step, bar)
+        if stop:  # early stopping: the window since the last log line is logged, no checkpoint is written
+            if window.units or window.trained:
+                progress.window = log_window(log, window, done, plan, lr, norm, progress)
+            chosen, progress.selection.stopped_early = run.metric or "", True
+            bar.write(f"step {done}: stopping early: {chosen} has not improved for {tc.early_stopping_patience} "
+                      f"evaluations (best {shown(chosen, progress.selection.best_value or 0.0)} at step "
+                      f"{progress.selection.best_step})")  # fmt: skip
+            break
         if not last_step and due(tc.save_strategy, tc.save_steps, done, plan):
             weights = gathered_adapter(run.accelerator, run.loss_fn)  # every process takes part
             saved = {"step": done, "progress": dataclasses.asdict(progress), "config": run.config.to_dict(),
                      "torch_threads": torch.get_num_threads()}  # fmt: skip
+            best = run.best_weights if progress.selection.best_step != done else None  # else the adapter itself
             if run.main:
                 checkpoint.save(run.files.root, run.model, run.optimizer, run.scheduler, saved, tc.save_total_limit,
-                                weights)  # fmt: skip
+                                weights, best, progress.selection.best_step)  # fmt: skip
+
+
+def log_window(log: Any, window: Window, done: int, plan: Plan, lr: float, norm: float | None,
+               progress: Any) -> Window:  # fmt: skip
+    """One training log line: the means since the last one. Returns the new, empty window."""
+    units = max(window.units or window.trained, 1)  # a window saved before units existed counted tokens
+    log.write({"step": done, "epoch": round(plan.epochs_done(done), 4), "loss": window.loss / units,
+               **{name: value / units for name, value in window.stats.items()}, "lr": lr, "grad_norm": norm,
+               "tokens_per_s": window.tokens / window.seconds, "tokens": progress.tokens,
+               "elapsed_s": round(progress.train_seconds, 2)})  # fmt: skip
+    return Window()
+
+
+def evaluate(run: Run, done: int, last_step: bool, bar: Phase) -> bool:
+    """Measure and log the eval metrics after step `done`; count it for model selection (keeping the best
+    adapter's weights when the run loads the best at the end). True when early stopping's patience has run out."""
+    metrics = evaluation.measure(run, done, last_step)
+    run.log.write({"step": done, **metrics})
+    bar.write(f"step {done}: {evaluation.headline(metrics, run.metric)}")
+    if run.main:
+        plot_losses(run.log.records, run.files.loss_plot)
+    if run.metric is None:
+        return False
+    tc, chosen = run.tc, run.progress.selection
+    chosen.metric = run.metric
+    better = greater_is_better(tc, run.metric)
+    if record(chosen, done, metrics[run.metric], better, tc.early_stopping_threshold) and tc.load_best_model_at_end:
+        run.best_weights = adapter_weights(run.model)
+    return not last_step and patience_out(chosen, tc)
+
+
+def adapter_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's weights as saved (peft's names), copied to the CPU: the best evaluation's, kept."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}

@@ -30,6 +30,7 @@ def write_run_record(
     wall_seconds: float,
     processes: int = 1,
     mixed_precision: str = "no",
+    selection: dict[str, Any] | None = None,
 ) -> None:
     trainable, total = trainable_parameters(model)
     losses = [r["loss"] for r in records if "loss" in r]
@@ -56,6 +57,8 @@ def write_run_record(
         "wall_seconds": round(wall_seconds, 2),
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": evals[-1] if evals else None,
+        # the evaluations during training: the best, the one adapter/ holds, early stopping (train/selection.py)
+        "selection": selection,
         # eval.json without the answers and what run.json records already: prompts, metrics, eval losses
         "generation_eval": {k: v for k, v in evaluation.items() if k not in ("samples", "settings", "versions")}
         if evaluation

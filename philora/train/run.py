@@ -37,15 +37,18 @@ from philora.preflight.command import gate, model_context
 from philora.preflight.report import size
 from philora.progress import Phase
 from philora.rundir import RunDir, plot_losses
-from philora.train import checkpoint
+from philora.train import checkpoint, neftune, selection
 from philora.train.distributed import configure, gathered_adapter, sharded
+from philora.train.evaluation import answer_scores, logged_metrics, prompts_scored, scores_answers
 from philora.train.loop import loop
 from philora.train.metrics import MetricsLog, reporters, require_reporters
 from philora.train.objective import make_objective, reference_logprobs, save_reference
 from philora.train.output import prepare_output_dir, save_adapter
 from philora.train.plan import make_plan
 from philora.train.record import write_run_record
+from philora.train.selection import Selection
 from philora.train.state import Progress, Run
+from philora.train.verdict import Regressed, choose_adapter, regression
 
 
 def train(config: Config, resume: str | bool | None = None) -> TrainResult:
@@ -95,6 +98,12 @@ def set_up(config: Config, resume: str | bool | None) -> Run:
     run.log = MetricsLog(run.files.metrics if run.main else None, sinks)
     if run.prepared.eval:
         run.prompts = runner.prompts_and_references(run.prepared.eval.conversations, run.prepared.encoder)
+    if tc.eval_strategy != "no" and run.eval_samples:  # evaluations during training choose the best step
+        run.metric = selection.metric_name(tc, scores_answers(run))
+        selection.require_metric(run.metric, logged_metrics(run))
+    if tc.load_best_model_at_end and sharded(run.accelerator):
+        raise UserError("training_config.load_best_model_at_end: not supported under FSDP or DeepSpeed yet (their "
+                        "weights are sharded); train with configs/accelerate/ddp.yaml or one process")  # fmt: skip
     return run
 
 
@@ -129,9 +138,14 @@ def build(run: Run) -> None:
                                          questions, tc.generation_max_length,
                                          tc.per_device_eval_batch_size)  # fmt: skip
         base_answers.save(run.files.base_answers, answers, computed)
+        if scores_answers(run):  # where the curves of the evaluations during training start
+            scored = prompts_scored(run)
+            run.log.write({"step": 0, **answer_scores(answers[: len(scored)], scored, run)})
     if config.model.adapter is None:
         model = apply_lora(model, config.peft_config, quantized=config.model.quantization is not None)
     fast_path.install(model)
+    if tc.neftune_noise_alpha:
+        neftune.attach(model, tc.neftune_noise_alpha)
     run.model = model
     if run.main and config.model.adapter is None:
         run.initial_adapter = save_initial_adapter(run.model, run.files.root, config.peft_config)
@@ -218,6 +232,10 @@ def fit(run: Run) -> None:
         found = run.resume_from
         checkpoint.restore(found, run.model, run.optimizer, run.scheduler)
         run.progress = Progress.from_dict(found.state["progress"])
+        if run.progress.selection.metric != run.metric:  # evaluation turned on, or answers scored, from here on
+            run.progress.selection = Selection(run.metric)
+        if run.tc.load_best_model_at_end and run.progress.selection.best_step is not None:  # as the run held them
+            run.best_weights = found.adapter if run.progress.selection.best_step == found.step else found.best
         run.log.truncate_after(run.progress.step)
         run.say(f"resuming from {found.path} at step {run.progress.step}/{run.plan.total_steps}")
         if run.main:
@@ -236,6 +254,7 @@ def finish(run: Run) -> TrainResult:
     run.accelerator.wait_for_everyone()
     if not run.main:
         return TrainResult(files.root, run.model, None)
+    chosen = choose_adapter(run)
     save_adapter(files, run.model, run.tokenizer, weights, run.initial_adapter)
     plot_losses(run.log.records, files.loss_plot)
     run.log.close()
@@ -270,12 +289,17 @@ def finish(run: Run) -> TrainResult:
         run.say(table.format_preference(evaluation["preference"], tc.method), result=True)
     write_run_record(files.root, config, run.prepared, run.model, run.progress, run.log.records, evaluation,
                      time.time() - run.started, run.accelerator.num_processes,
-                     run.accelerator.mixed_precision)  # fmt: skip
+                     run.accelerator.mixed_precision, chosen)  # fmt: skip
     if evaluation is not None and run.generates:
         report.write_results(files.root, evaluation, files.root)
         print(table.format_comparison(evaluation), file=sys.stderr)
     card.write_card(files.adapter)  # last: it reads run.json and eval.json
+    worse = regression(run, evaluation)
+    if worse is not None:
+        run.say(f"warning: {worse}; usual fixes for {tc.method}: {selection.CAUSES[tc.method]}", result=True)
     run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}", result=True)
+    if worse is not None and tc.fail_on_regression:
+        raise Regressed(f"training_config.fail_on_regression: {worse}")
     return TrainResult(files.root, run.model, evaluation)
 
 

@@ -13,6 +13,7 @@ from philora import data, progress
 from philora.config import Config, TrainingSection
 from philora.rundir import RunDir
 from philora.train.metrics import MetricsLog
+from philora.train.selection import Selection
 
 if TYPE_CHECKING:
     from philora.train.checkpoint import Checkpoint
@@ -39,11 +40,13 @@ class Progress:
     trained_tokens: int = 0  # tokens with a label
     train_seconds: float = 0.0  # time in optimizer steps (no evaluation, no checkpointing)
     window: Window = field(default_factory=Window)
+    selection: Selection = field(default_factory=Selection)  # the best evaluation so far, early stopping's count
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Progress:
-        known = {f.name for f in dataclasses.fields(cls)} - {"window"}
-        return cls(**{k: v for k, v in saved.items() if k in known}, window=Window(**(saved.get("window") or {})))
+        known = {f.name for f in dataclasses.fields(cls)} - {"window", "selection"}
+        return cls(**{k: v for k, v in saved.items() if k in known}, window=Window(**(saved.get("window") or {})),
+                   selection=Selection(**(saved.get("selection") or {})))  # fmt: skip
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Run:
     final_pair_eval: dict[str, float] | None = None  # those metrics after the last step, if the loop measured them
     log: MetricsLog | None = None
     progress: Progress = field(default_factory=Progress)
+    metric: str | None = None  # the eval metric that selects (None: the run does not evaluate during training)
+    best_weights: dict[str, Any] | None = None  # with load_best_model_at_end: the best evaluation's adapter weights
 
     @property
     def tc(self) -> TrainingSection:

@@ -45,16 +45,18 @@ def measure(config: Config, prepared: PreparedData, report: Report) -> None:
                             "steps": plan.total_steps, "eta_s": parts["training"], "total_s": total, "parts": parts,
                             "measured_peak_memory": steps.peak}  # fmt: skip
     prompts, passes = len(prompts_of(config, prepared)), loss_passes(config, prepared, plan)
+    scored = f"{evaluations(config, plan)} × {scored_prompts(config, prepared)} prompts"
     counts = {"training": f"{plan.total_steps} steps", "answers_before": f"{prompts} prompts",
-              "answers_after": f"{prompts} prompts", "eval_loss": f"{passes} passes"}  # fmt: skip
+              "answers_during": scored, "answers_after": f"{prompts} prompts",
+              "eval_loss": f"{passes} passes"}  # fmt: skip
     timed = f"{steps.timed} steps timed after a warm-up" if steps.warmed else "its one step timed"
     report.add("time", f"{timed}: {steps.seconds:.2f} s/step, "
                f"{steps.tokens_per_s:,.0f} tokens/s",
                f"the run: about {_duration(total)} in all",
                *[f"  {part.replace('_', ' '):<16}{counts[part]:>12}  {_duration(s) if s else '-':>8}"
-                 for part, s in parts.items()],
+                 for part, s in parts.items() if s or part != "answers_during"],
                f"measured peak memory of those steps: {size(steps.peak)}")  # fmt: skip
-    answering = parts["answers_before"] + parts["answers_after"]
+    answering = parts["answers_before"] + parts.get("answers_during", 0.0) + parts["answers_after"]
     if answering > total / 2:
         report.warnings.append(shorter_answers(config, prepared, answering, total))
     if (epochs := plan.epochs_done(plan.total_steps)) > MANY_EPOCHS:
@@ -112,8 +114,9 @@ def scratch_run() -> Iterator[None]:
 
 
 def evaluation_parts(config: Config, prepared: PreparedData, plan: Any, model: Any, mixed: str) -> dict[str, float]:
-    """Seconds of the answers before and after training (the same pace for both: greedy answers to the same
-    prompts) and of all the eval-loss passes, from a few of each timed on `model`, in the run's arithmetic."""
+    """Seconds of the answers before, during (at each evaluation during training that scores them) and after
+    training (the same pace for all: greedy answers to the same prompts) and of all the eval-loss passes, from a
+    few of each timed on `model`, in the run's arithmetic."""
     from philora.eval import runner
     from philora.model.loss import TokenLoss
 
@@ -123,7 +126,7 @@ def evaluation_parts(config: Config, prepared: PreparedData, plan: Any, model: A
     passes = loss_passes(config, prepared, plan)
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
-    answers = loss = 0.0
+    answers = loss = during = 0.0
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         if prompts:
             questions = [(p, t) for p, _, t in prompts]
@@ -132,7 +135,9 @@ def evaluation_parts(config: Config, prepared: PreparedData, plan: Any, model: A
             runner.generate(model, prepared.encoder, few[:1], 2, 1)  # warm-up: the first answer pays one-time costs
             tick = time.perf_counter()
             runner.generate(model, prepared.encoder, few, tc.generation_max_length, tc.per_device_eval_batch_size)
-            answers = (time.perf_counter() - tick) / len(few) * len(prompts)
+            per_prompt = (time.perf_counter() - tick) / len(few)
+            answers = per_prompt * len(prompts)
+            during = per_prompt * scored_prompts(config, prepared) * evaluations(config, plan)
         if samples and passes:
             loss_fn, pad = TokenLoss(model), prepared.encoder.tokenizer.pad_token_id
             few_samples = samples[:LOSS_SAMPLES]
@@ -141,7 +146,25 @@ def evaluation_parts(config: Config, prepared: PreparedData, plan: Any, model: A
             runner.eval_loss(loss_fn, few_samples, tc.per_device_eval_batch_size, pad, show=False)
             per_token = (time.perf_counter() - tick) / sum(len(s.input_ids) for s in few_samples)
             loss = per_token * sum(len(s.input_ids) for s in samples) * passes
-    return {"answers_before": answers, "answers_after": answers, "eval_loss": loss}
+    return {"answers_before": answers, "answers_during": during, "answers_after": answers, "eval_loss": loss}
+
+
+def scored_prompts(config: Config, prepared: PreparedData) -> int:
+    """The eval prompts each evaluation during training answers (none when it scores no answers)."""
+    tc = config.training_config
+    if tc.eval_strategy == "no":
+        return 0
+    return len(prompts_of(config, prepared)[: tc.eval_generate_samples or None])
+
+
+def evaluations(config: Config, plan: Any) -> int:
+    """The evaluations the loop makes: per eval_strategy, and after the last step."""
+    from philora.train.loop import due
+
+    tc, total = config.training_config, plan.total_steps
+    final = tc.do_eval or tc.eval_strategy != "no"
+    every = tc.eval_steps or tc.logging_steps
+    return sum(due(tc.eval_strategy, every, d, plan) or (d == total and final) for d in range(1, total + 1))
 
 
 def prompts_of(config: Config, prepared: PreparedData) -> list[Any]:
@@ -165,15 +188,9 @@ def loss_samples(config: Config, prepared: PreparedData) -> list[Any]:
 def loss_passes(config: Config, prepared: PreparedData, plan: Any) -> int:
     """Eval-loss passes of the run: those the loop makes (per eval_strategy, and after the last step), and the
     base's and the fine-tuned model's in the final evaluation when the run answers its prompts."""
-    from philora.train.loop import due
-
-    tc = config.training_config
     if not loss_samples(config, prepared):
         return 0
-    total, every = plan.total_steps, tc.eval_steps or tc.logging_steps
-    final = tc.do_eval or tc.eval_strategy != "no"
-    during = sum(due(tc.eval_strategy, every, d, plan) or (d == total and final) for d in range(1, total + 1))
-    return during + (2 if prompts_of(config, prepared) else 0)
+    return evaluations(config, plan) + (2 if prompts_of(config, prepared) else 0)
 
 
 def shorter_answers(config: Config, prepared: PreparedData, answering: float, total: float) -> str:
