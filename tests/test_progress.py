@@ -201,8 +201,9 @@ def test_check_time_estimates_the_whole_run_in_parts_and_names_no_scratch_dir(
     lines = out.splitlines()
     section = [line.strip() for line in lines[next(i for i, line in enumerate(lines) if line.startswith("time ")) :]]
     assert section[1].startswith("the run: about ") and section[1].endswith(" in all")
-    assert [line.split()[:2] for line in section[2:7]] == [
-        ["training", "1"], ["answers", "before"], ["answers", "during"], ["answers", "after"], ["eval", "loss"]]  # fmt: skip
+    assert [line.split()[:2] for line in section[2:7]] == [["training", "1"], ["answers", "before"],
+                                                           ["answers", "during"], ["answers", "after"],
+                                                           ["eval", "loss"]]  # fmt: skip
     assert "6 prompts" in section[3] and "1 × 6 prompts" in section[4]  # one evaluation during training scores all
     assert "3 passes" in section[6]  # after the step, then base and fine-tuned
 
