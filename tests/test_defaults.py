@@ -254,6 +254,18 @@ def test_the_demo_config_is_not_warned(embedded_tokenizer: Path) -> None:
     assert schedule.many_answers(len(prepared.eval.conversations), config.data.max_eval_samples) is None
 
 
+def test_a_preference_run_at_an_sft_rate_is_warned() -> None:
+    from philora.config import TrainingSection
+
+    warning = schedule.preference_rate(TrainingSection(method="dpo"))  # the default rate, 2e-4: SFT's
+    assert warning is not None and warning.startswith("training_config.learning_rate: 0.0002 with method dpo")
+    assert "set learning_rate: 5.0e-5 or lower" in warning
+    assert schedule.preference_rate(TrainingSection(method="dpo", learning_rate=5e-5)) is None
+    assert schedule.preference_rate(TrainingSection(method="orpo", learning_rate=1e-3)) is not None
+    assert schedule.preference_rate(TrainingSection()) is None  # sft
+    assert schedule.preference_rate(load_config("demo-dpo").training_config) is None
+
+
 def test_thousands_of_held_out_answers_are_warned() -> None:
     warning = schedule.many_answers(5000, None)
     assert warning is not None and warning.startswith("data.eval: all 5,000 held-out conversations are answered twice")

@@ -69,7 +69,7 @@ def describe(config: Config, prepared: data.PreparedData, schedule: Schedule, re
     given_eval = config.data.eval is not None and prepared.eval is not None
     answered = len(prepared.eval.conversations) if prepared.eval is not None and tc.predict_with_generate else 0
     found = (repeats_data(schedule, tc), eval_unused(given_eval, tc), step_holds_everything(schedule, tc),
-             many_answers(answered, config.data.max_eval_samples))  # fmt: skip
+             many_answers(answered, config.data.max_eval_samples), preference_rate(tc))  # fmt: skip
     report.warnings += [w for w in found if w is not None]
 
 
@@ -127,3 +127,16 @@ def many_answers(prompts: int, limit: int | None) -> str | None:
     return (f"data.eval: all {prompts:,} held-out conversations are answered twice, before and after training, which "
             f"can take longer than the training; set data.max_eval_samples: {ANSWERS_FIX} (exact match to within a "
             "few points), or predict_with_generate: false; `philora check --time` measures it")  # fmt: skip
+
+
+PREFERENCE_RATE = 1e-4  # above this a preference loss on LoRA tends to undo what SFT taught (README, DPO)
+
+
+def preference_rate(tc: TrainingSection) -> str | None:
+    """A dpo/orpo run at an SFT learning rate."""
+    if tc.method == "sft" or tc.learning_rate <= PREFERENCE_RATE:
+        return None
+    return (f"training_config.learning_rate: {tc.learning_rate:g} with method {tc.method}: a preference loss moves "
+            "the model much further per step than SFT's, and at SFT's rates it tends to undo what SFT taught (on "
+            "the demo's DPO 1e-4 lowered held-out exact match and 5e-4 took it to 0%); LoRA preference tuning "
+            "usually trains at 5e-6 to 5e-5: set learning_rate: 5.0e-5 or lower")  # fmt: skip

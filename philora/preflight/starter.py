@@ -34,6 +34,7 @@ from philora.preflight.report import size
 MIN_STEPS_PER_EPOCH = 20  # fewer optimizer steps than this per pass and the schedule has little room to work
 HOLD_OUT = 0.1  # of the training data, for evaluation, when no --eval is given and there is enough of it
 HOLD_OUT_FROM = 100  # conversations; below this a tenth is too few to measure anything
+SCORED_DURING = 40  # held-out prompts answered at each evaluation during training
 MAX_EVAL = 100  # held-out conversations answered before and after training: enough to measure, quick on a CPU
 REFERENCE_LR, REFERENCE_SIZE = 2e-4, 3.8e9  # the usual LoRA rate for a Phi-3-mini-sized model
 PREFERENCE_SCALE = 5e-5 / 2e-3  # the demo-dpo preset's rate beside the sft demo's, on the same model
@@ -128,6 +129,8 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
                     f"the longest held-out answer is {answer} tokens")  # fmt: skip
         starter.set("training_config.per_device_eval_batch_size", 16)
     steps = schedule.plan(config, prepared, arch.original_context).steps
+    if evals:
+        choose_selection(starter, steps, min(len(evals), MAX_EVAL))
     starter.set("training_config.logging_steps", max(1, steps // 20))
     starter.set("training_config.save_steps", max(1, round(steps / tc.num_train_epochs)), "a checkpoint each epoch")
     starter.set("training_config.save_total_limit", 2)
@@ -144,6 +147,19 @@ def derive(train: str, eval: str | None, base: str | None, trust: bool, target: 
         + (f"evaluated on {min(len(evals), MAX_EVAL)} conversations {where}" if evals else "no evaluation")
     )
     return starter
+
+
+def choose_selection(starter: Starter, steps: int, answered: int) -> None:
+    """Four evaluations during training, scoring answers, and the best one's adapter kept."""
+    every = max(1, steps // 4)
+    starter.set("training_config.eval_strategy", "steps", "evaluate during training, scoring answers as at the end")
+    starter.set("training_config.eval_steps", every, f"4 evaluations in the {steps} steps")
+    if answered > SCORED_DURING:
+        starter.set("training_config.eval_generate_samples", SCORED_DURING,
+                    f"the first {SCORED_DURING} of the {answered} held-out prompts at each evaluation during "
+                    "training: enough to rank them, quicker")  # fmt: skip
+    starter.set("training_config.load_best_model_at_end", True,
+                "the adapter written is the best evaluation's (exact match), not the last step's")  # fmt: skip
 
 
 def choose_training(config: Config, arch: architecture.Architecture, prepared: data.PreparedData, method: str,
