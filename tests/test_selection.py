@@ -47,6 +47,14 @@ def test_the_metric_and_its_direction_follow_transformers_names() -> None:
         selection.require_metric("eval_rouge_L", ["eval_loss", "eval_rouge_l"])
 
 
+def test_the_advice_on_a_regression_leaves_out_what_the_run_does_already() -> None:
+    plain = selection.fixes(TrainingSection(method="dpo"))
+    assert "loss_type: [sigmoid, sft]" in plain and "load_best_model_at_end: true" in plain and "--answers" in plain
+    done = selection.fixes(TrainingSection(method="dpo", loss_type=["sigmoid", "sft"], load_best_model_at_end=True))
+    assert "loss_type" not in done and "load_best_model_at_end" not in done
+    assert done.startswith("lower training_config.learning_rate")
+
+
 def test_a_regression_is_found_on_the_chosen_metric_or_else_on_exact_match() -> None:
     evaluation = {"before": {"exact_match": 0.6, "rouge_l": 0.95}, "after": {"exact_match": 0.275, "rouge_l": 0.9},
                   "loss": {"after": {"eval_loss": 0.4}}}  # fmt: skip
@@ -165,7 +173,7 @@ def test_fail_on_regression_exits_1_after_writing_everything(
     before, after = evaluation["loss"]["before"]["eval_loss"], evaluation["loss"]["after"]["eval_loss"]
     assert after < before
     assert f"warning: the trained model scores worse than the base model: eval_loss {before:.4f} -> {after:.4f}" in err
-    assert "usual fixes for sft: lower training_config.learning_rate" in err
+    assert "what usually helps with sft: lower training_config.learning_rate or train fewer epochs; evaluate " in err
     assert "philora: error: training_config.fail_on_regression: the trained model scores worse" in err
     assert (out / ADAPTER).is_file() and (out / "adapter" / "README.md").is_file()
 

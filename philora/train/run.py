@@ -296,7 +296,7 @@ def finish(run: Run) -> TrainResult:
     card.write_card(files.adapter)  # last: it reads run.json and eval.json
     worse = regression(run, evaluation)
     if worse is not None:
-        run.say(f"warning: {worse}; usual fixes for {tc.method}: {selection.CAUSES[tc.method]}", result=True)
+        run.say(f"warning: {worse}; what usually helps with {tc.method}: {selection.fixes(tc)}", result=True)
     run.say(f"done in {time.time() - run.started:.0f}s; adapter in {files.adapter}", result=True)
     if worse is not None and tc.fail_on_regression:
         raise Regressed(f"training_config.fail_on_regression: {worse}")

@@ -17,16 +17,23 @@ from typing import Any
 from philora.config import TrainingSection
 from philora.errors import UserError
 
-# What to try when a run ends worse than it started, per training method.
-CAUSES = {
-    "sft": "lower training_config.learning_rate or train fewer epochs, and evaluate during training "
-    "(eval_strategy: steps) with load_best_model_at_end: true to keep the best step",
-    "dpo": "lower training_config.learning_rate, loss_type: [sigmoid, sft] (keeps the chosen answers likely), and "
-    "rejected answers from the model's own outputs (scripts/make_preference_data.py --answers); "
-    "load_best_model_at_end: true keeps the best step",
-    "orpo": "lower training_config.learning_rate or beta, and rejected answers from the model's own outputs "
-    "(scripts/make_preference_data.py --answers); load_best_model_at_end: true keeps the best step",
-}
+
+def fixes(tc: TrainingSection) -> str:
+    """What usually helps when a run of this method ends worse than it started, leaving out what it does already."""
+    keep_best = (
+        []
+        if tc.load_best_model_at_end
+        else ["evaluate during training (eval_strategy: steps) with load_best_model_at_end: true to keep the best step"]
+    )
+    own = "rejected answers from the model's own outputs (scripts/make_preference_data.py --answers)"
+    types = [tc.loss_type] if isinstance(tc.loss_type, str) else tc.loss_type
+    by_method = {
+        "sft": ["lower training_config.learning_rate or train fewer epochs"],
+        "dpo": ["lower training_config.learning_rate",
+                *([] if "sft" in types else ["loss_type: [sigmoid, sft] (keeps the chosen answers likely)"]), own],
+        "orpo": ["lower training_config.learning_rate or beta", own],
+    }  # fmt: skip
+    return "; ".join(by_method[tc.method] + keep_best)
 
 
 @dataclass

@@ -52,4 +52,4 @@ def regression(run: Run, evaluation: dict[str, Any] | None) -> str | None:
     metric, start, end = found
     start_model = "the adapter it started from" if run.config.model.adapter else "the base model"
     return (f"the trained model scores worse than {start_model}: {metric} {selection.shown(metric, start)} -> "
-            f"{selection.shown(metric, end)} on the held-out prompts")  # fmt: skip
+            f"{selection.shown(metric, end)} on the held-out data")  # fmt: skip
