@@ -52,7 +52,11 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
          "--output", "two", "--set", "training_config.per_device_train_batch_size=2", "--set", f"model.dtype={dtype}"],
         tmp_path,
     )  # fmt: skip
-    one, two = read_jsonl(tmp_path / "one/metrics.jsonl"), read_jsonl(tmp_path / "two/metrics.jsonl")
+    one, two = (steps_of(tmp_path / f"{d}/metrics.jsonl") for d in ("one", "two"))
+    # the answers are scored at the evaluation by the main process and handed to the other (early stopping's rule
+    # needs the same numbers on both)
+    assert {k for k in one[-1] if k.startswith("eval_")} == {k for k in two[-1] if k.startswith("eval_")} >= {
+        "eval_loss", "eval_exact_match", "eval_rouge_l"}  # fmt: skip
     first, second = (load_file(tmp_path / f"{d}/adapter/adapter_model.safetensors") for d in ("one", "two"))
     keys = ("loss", "grad_norm", "eval_loss")
     if dtype == "float32":
@@ -61,7 +65,7 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
         # Two processes compute the same sums on half batches, which bf16 rounds differently: each number of the
         # two runs may drift apart by as much as it drifts between a bf16 and an fp32 run (same data), no more.
         run([*single, "--output", "exact", "--set", "model.dtype=float32"], tmp_path)
-        exact = read_jsonl(tmp_path / "exact/metrics.jsonl")
+        exact = steps_of(tmp_path / "exact/metrics.jsonl")
         rel = {
             k: 2 * max(abs(a[k] - e[k]) / abs(e[k]) for a, e in zip(one, exact, strict=True) if k in a) for k in keys
         }
@@ -189,7 +193,11 @@ training_config: {{max_steps: 3, per_device_train_batch_size: 2, gradient_accumu
     run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
          "--output", "two"], tmp_path)  # fmt: skip
-    one, two = read_jsonl(tmp_path / "one/metrics.jsonl"), read_jsonl(tmp_path / "two/metrics.jsonl")
+    one, two = (steps_of(tmp_path / f"{d}/metrics.jsonl") for d in ("one", "two"))
+    # the answers are scored at the evaluation by the main process and handed to the other (early stopping's rule
+    # needs the same numbers on both)
+    assert {k for k in one[-1] if k.startswith("eval_")} == {k for k in two[-1] if k.startswith("eval_")} >= {
+        "eval_loss", "eval_exact_match", "eval_rouge_l"}  # fmt: skip
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two, strict=True):
         assert a["tokens"] == b["tokens"] and a["grad_norm"] > 0.05
@@ -237,3 +245,8 @@ def test_deepspeed_steps_once_per_accumulated_step() -> None:
     assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
     assert loss == 18.0 and norm == 0.5  # the summed loss; the norm the engine measured before its clipping
     assert stats == {"seen": 18.0}  # the loss module's statistics, summed over the micro-batches
+
+
+def steps_of(path: Path) -> list[dict]:
+    """metrics.jsonl's records of training steps: not step 0's, the starting model's answers scored."""
+    return [r for r in read_jsonl(path) if r["step"] > 0]
