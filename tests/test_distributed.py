@@ -194,10 +194,6 @@ training_config: {{max_steps: 3, per_device_train_batch_size: 2, gradient_accumu
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
          "--output", "two"], tmp_path)  # fmt: skip
     one, two = (steps_of(tmp_path / f"{d}/metrics.jsonl") for d in ("one", "two"))
-    # the answers are scored at the evaluation by the main process and handed to the other (early stopping's rule
-    # needs the same numbers on both)
-    assert {k for k in one[-1] if k.startswith("eval_")} == {k for k in two[-1] if k.startswith("eval_")} >= {
-        "eval_loss", "eval_exact_match", "eval_rouge_l"}  # fmt: skip
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two, strict=True):
         assert a["tokens"] == b["tokens"] and a["grad_norm"] > 0.05
