@@ -19,7 +19,7 @@ from philora.train import checkpoint, evaluation
 from philora.train.distributed import backward_kwargs, gathered_adapter, grad_norm
 from philora.train.plan import Plan
 from philora.train.selection import greater_is_better, patience_out, record, shown
-from philora.train.state import Run, Window
+from philora.train.state import Progress, Run, Window
 
 
 class LossDiverged(UserError):
@@ -148,7 +148,7 @@ def steps(run: Run, bar: Phase) -> None:
 
 
 def log_window(log: Any, window: Window, done: int, plan: Plan, lr: float, norm: float | None,
-               progress: Any) -> Window:  # fmt: skip
+               progress: Progress) -> Window:  # fmt: skip
     """One training log line: the means since the last one. Returns the new, empty window."""
     units = max(window.units or window.trained, 1)  # a window saved before units existed counted tokens
     log.write({"step": done, "epoch": round(plan.epochs_done(done), 4), "loss": window.loss / units,
