@@ -170,7 +170,7 @@ def test_pissa_adapter_is_converted_to_the_original_base(tmp_path: Path, tiny_ph
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_phi3)))
     batch = collate([ChatEncoder(tokenizer).encode(CHAT)], [[0]], tokenizer.pad_token_id)
     model = apply_lora(base(tiny_phi3), PeftSection(r=4, lora_alpha=4, lora_dropout=0.0, init_lora_weights="pissa"))
-    from philora.train.run import save_initial_adapter
+    from philora.train.output import save_initial_adapter
 
     initial = save_initial_adapter(model, tmp_path, PeftSection(init_lora_weights="pissa"))
     train_steps(model, batch, steps=2)

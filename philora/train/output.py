@@ -1,16 +1,19 @@
 """The run's output dir: made ready for a new run (prepare_output_dir: only what philora wrote there is ever
 removed, and a folder that is not a philora run is refused) and the trained adapter written into it whole
-(save_adapter)."""
+(save_adapter), and for PiSSA/OLoRA the adapter as initialised (save_initial_adapter)."""
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from philora.config import PeftSection
 from philora.errors import UserError
+from philora.lora.targets import INIT_FROM_WEIGHTS
 from philora.paths import umask_modes
 from philora.rundir import RunDir
 from philora.train import checkpoint
@@ -71,3 +74,19 @@ def save_adapter(files: RunDir, model: Any, tokenizer: Any, weights: dict[str, t
     flush_tree(staged)
     files.add_to_manifest(names)
     put_in_place(staged, files.adapter)
+
+
+def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
+    """For initialisations that rewrite the base weights (PiSSA, OLoRA), the adapter as initialised, which peft
+    needs to convert the trained one back onto the original base; None for the others."""
+    if not str(pc.init_lora_weights).startswith(INIT_FROM_WEIGHTS):
+        return None
+    path = RunDir(out).lora_init
+    lora_config = model.peft_config["default"]
+    lora_config.init_lora_weights = True  # peft's convention for the saved starting point
+    with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters need converting: this is for that
+        warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+        model.save_pretrained(path)
+    umask_modes(path)
+    lora_config.init_lora_weights = pc.init_lora_weights
+    return str(path)

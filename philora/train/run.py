@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from philora import data, hardware, progress
-from philora.config import Config, PeftSection, TrainingSection
+from philora.config import Config, TrainingSection
 from philora.config.relative import missing_data
 from philora.data import report as data_report
 from philora.data.batching import row_width
@@ -32,7 +31,6 @@ from philora.lora import slices
 from philora.lora.targets import INIT_FROM_WEIGHTS, apply_lora, describe_adapters
 from philora.model import fast_path, packed_attention
 from philora.model.load import load_model, longrope_boundary, notice, tokenizer_and_pad_notice, without_bitsandbytes
-from philora.paths import umask_modes
 from philora.preflight.command import gate, model_context
 from philora.preflight.report import size
 from philora.progress import Phase
@@ -43,7 +41,7 @@ from philora.train.evaluation import answer_scores, logged_metrics, prompts_scor
 from philora.train.loop import loop
 from philora.train.metrics import MetricsLog, reporters, require_reporters
 from philora.train.objective import make_objective, reference_logprobs, save_reference
-from philora.train.output import prepare_output_dir, save_adapter
+from philora.train.output import prepare_output_dir, save_adapter, save_initial_adapter
 from philora.train.plan import make_plan
 from philora.train.record import write_run_record
 from philora.train.selection import Selection
@@ -396,19 +394,3 @@ def warn_if_threads_differ(saved: int | None) -> None:
             f"differ from an uninterrupted run in the last bits. For a bit-exact resume set OMP_NUM_THREADS={saved}",
             file=sys.stderr,
         )
-
-
-def save_initial_adapter(model: Any, out: Path, pc: PeftSection) -> str | None:
-    """For initialisations that rewrite the base weights (PiSSA, OLoRA), the adapter as initialised, which peft
-    needs to convert the trained one back onto the original base; None for the others."""
-    if not str(pc.init_lora_weights).startswith(INIT_FROM_WEIGHTS):
-        return None
-    path = RunDir(out).lora_init
-    lora_config = model.peft_config["default"]
-    lora_config.init_lora_weights = True  # peft's convention for the saved starting point
-    with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters need converting: this is for that
-        warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
-        model.save_pretrained(path)
-    umask_modes(path)
-    lora_config.init_lora_weights = pc.init_lora_weights
-    return str(path)
