@@ -1,11 +1,13 @@
-"""Data-parallel training under `accelerate launch`: 2 CPU processes (gloo) equal 1 process with the same global
-batch, step for step, to fp32 rounding."""
+"""Data-parallel training under `accelerate launch`: 2 CPU processes (gloo), on one machine or on two machines
+(loopback), equal 1 process with the same global batch, step for step, to fp32 rounding."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,26 @@ import torch
 from conftest import pair_data, read_jsonl, write_yaml
 from safetensors.torch import load_file
 
+BIN = Path(sys.executable).parent
+
+
+def environment(**extra: str) -> dict[str, str]:
+    # One thread per process: two processes on two cores, neither starving the other.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
 
 def run(args: list[str], cwd: Path) -> None:
-    # One thread per process: two processes on two cores, neither starving the other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# `--multi_gpu` without a GPU is accelerate's multi-CPU mode: torch.distributed with gloo (`--cpu` is its
+# one-process launcher).
+CPU_PROCESSES = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def launch(*flags: str) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", *flags, "-m", "philora", "train"]
 
 
 @pytest.mark.slow
@@ -42,16 +58,11 @@ training_config: {{max_steps: 5, per_device_train_batch_size: 4, learning_rate: 
                    save_steps: 100, eval_strategy: steps, eval_steps: 5, seed: 7, method: {method}}}
 """,
     )
-    bin_dir = Path(sys.executable).parent
-    single = [str(bin_dir / "philora"), "train", "--config", str(config)]
+    single = [str(BIN / "philora"), "train", "--config", str(config)]
     run([*single, "--output", "one", "--set", f"model.dtype={dtype}"], tmp_path)
-    # `--multi_gpu` without a GPU is accelerate's multi-CPU mode: torch.distributed with gloo.
-    run(
-        [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
-         "--output", "two", "--set", "training_config.per_device_train_batch_size=2", "--set", f"model.dtype={dtype}"],
-        tmp_path,
-    )  # fmt: skip
+    run([*launch(*CPU_PROCESSES, "--num_processes", "2", "--num_machines", "1"), "--config", str(config), "--output",
+         "two", "--set", "training_config.per_device_train_batch_size=2", "--set", f"model.dtype={dtype}"],
+        tmp_path)  # fmt: skip
     one, two = (steps_of(tmp_path / f"{d}/metrics.jsonl") for d in ("one", "two"))
     # the answers are scored at the evaluation by the main process and handed to the other (early stopping's rule
     # needs the same numbers on both)
@@ -187,21 +198,83 @@ training_config: {{max_steps: 3, per_device_train_batch_size: 2, gradient_accumu
                    max_grad_norm: 0.05, logging_steps: 1, save_steps: 100, seed: 7}}
 """,
     )
-    bin_dir = Path(sys.executable).parent
-    run([str(bin_dir / "philora"), "train", "--config", str(config), "--output", "one", "--set",
+    run([str(BIN / "philora"), "train", "--config", str(config), "--output", "one", "--set",
          "training_config.per_device_train_batch_size=4"], tmp_path)  # fmt: skip
-    run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "philora", "train", "--config", str(config),
-         "--output", "two"], tmp_path)  # fmt: skip
-    one, two = (steps_of(tmp_path / f"{d}/metrics.jsonl") for d in ("one", "two"))
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
-    for a, b in zip(one, two, strict=True):
-        assert a["tokens"] == b["tokens"] and a["grad_norm"] > 0.05
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
-    first, second = (load_file(tmp_path / f"{d}/adapter/adapter_model.safetensors") for d in ("one", "two"))
-    for name in first:
-        assert (first[name] - second[name]).abs().max() <= 1e-6, name
+    run([*launch(*CPU_PROCESSES, "--num_processes", "2", "--num_machines", "1"), "--config", str(config), "--output",
+         "two"], tmp_path)  # fmt: skip
+    one = assert_same_training(tmp_path / "one", tmp_path / "two", [1, 2, 3])
+    assert all(r["grad_norm"] > 0.05 for r in one)  # clipping was active at every step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine", [CPU_PROCESSES, ("--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"))], ids=["flags", "ddp.yaml"]
+)
+def test_two_machines_match_one_process_with_the_same_global_batch(
+    tmp_path: Path, tiny_phi3: Path, tiny_data: tuple[Path, Path], engine: tuple[str, ...]
+) -> None:
+    """accelerate's multi-machine launch, two machines on loopback: one launcher per machine, each starting one
+    process (its machine's local rank 0; global rank 0 and 1), which meet at machine 0's address and port and train
+    as one run. Machine 1 has a disk of its own (its cache and --output): only machine 0's process writes files."""
+    config = write_yaml(
+        tmp_path / "nodes.yaml",
+        f"""
+model: {{name_or_path: {tiny_phi3}, dtype: float32}}
+data: {{train: {tiny_data[0]}, eval: {tiny_data[1]}, max_length: 256}}
+peft_config: {{r: 4, lora_alpha: 8, lora_dropout: 0.0}}
+training_config: {{max_steps: 3, per_device_train_batch_size: 2, learning_rate: 0.01, logging_steps: 1,
+                   save_steps: 2, eval_strategy: steps, eval_steps: 3, seed: 7}}
+""",
+    )
+    run([str(BIN / "philora"), "train", "--config", str(config), "--output", "one", "--set",
+         "training_config.per_device_train_batch_size=4"], tmp_path)  # fmt: skip
+    with socket.socket() as s:  # a free port for machine 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disks = [(tmp_path / "two", os.environ["PHILORA_CACHE_DIR"]), (tmp_path / "node1/two", f"{tmp_path}/node1/cache")]
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    machines = []
+    try:
+        for rank, (output, cache) in enumerate(disks):
+            command = [*launch(*engine, "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)),
+                       "--config", str(config), "--output", str(output)]  # fmt: skip
+            env = environment(PHILORA_CACHE_DIR=cache)
+            with logs[rank].open("w") as log:  # the child holds its own copy of the file
+                machines.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True))  # fmt: skip
+        codes = [machine.wait(timeout=300) for machine in machines]
+    finally:  # one machine's failure leaves the other waiting at the rendezvous or in a collective
+        for machine in machines:
+            if machine.poll() is None:
+                os.killpg(machine.pid, signal.SIGKILL)
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+
+    assert_same_training(tmp_path / "one", tmp_path / "two", [1, 2, 3, 3])  # the last: step 3's evaluation
+    assert json.loads((tmp_path / "two/run.json").read_text())["processes"] == 2
+    assert (tmp_path / "two/checkpoints/step-2").is_dir()
+    assert not (tmp_path / "node1/two").exists()  # machine 1 wrote nothing there: no output dir, no checkpoint
+    assert any((tmp_path / "node1/cache/data").glob("*.npz"))  # it encoded the data itself, into its own cache
+
+
+def assert_same_training(one: Path, two: Path, steps: list[int]) -> list[dict]:
+    """The run in `two` (2 processes, fp32) logged the steps of the run in `one` (1 process, the same global
+    batches) with the same rows and, to fp32 rounding of half batches summed by the all-reduce, the same losses,
+    grad norms and eval losses, and saved the same adapter. Returns one's training records."""
+    first, second = steps_of(one / "metrics.jsonl"), steps_of(two / "metrics.jsonl")
+    assert [r["step"] for r in first] == [r["step"] for r in second] == steps
+    for a, b in zip(first, second, strict=True):
+        assert a.get("tokens") == b.get("tokens")  # the same rows in every global batch
+        for key, rel in (("loss", 1e-6), ("grad_norm", 1e-5), ("eval_loss", 1e-6)):
+            assert (key in a) == (key in b), (a["step"], key)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
+    adapters = [load_file(d / "adapter/adapter_model.safetensors") for d in (one, two)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, weight in adapters[0].items():
+        assert (weight - adapters[1][name]).abs().max() <= 1e-6, name
+    assert all(t.abs().max() > 1e-4 for n, t in adapters[0].items() if "lora_B" in n)  # trained: B starts at zero
+    return first
 
 
 def test_deepspeed_steps_once_per_accumulated_step() -> None:

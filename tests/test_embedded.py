@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,40 @@ def test_cached_conversion_is_reused(embedded_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(embedded, "convert", lambda target: pytest.fail("converted again"))
     assert embedded.embedded_model_dir() == embedded_dir
     assert (embedded_dir / "model.safetensors").is_file() and (embedded_dir / "tokenizer.json").is_file()
+
+
+def test_processes_starting_together_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a second machine's processes of a multi-machine run do, each on a cold cache: one converts, the others
+    wait for it and load its copy (none converts again and replaces the copy under a process loading it)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(embedded, "gguf_path", lambda: gguf)
+    monkeypatch.setenv("PHILORA_CACHE_DIR", str(tmp_path / "cache"))
+    conversions: list[Path] = []
+    every_checked = threading.Barrier(3)  # all three found no copy before any converts
+
+    def convert(target: Path) -> None:
+        conversions.append(target)
+        time.sleep(0.2)  # long enough for the others to reach the lock
+        (target / "philora-source.json").write_text(json.dumps({"gguf_bytes": 4}))
+
+    checked: set[str] = set()
+
+    def converted(target: Path, source: Path) -> bool:
+        found = original(target, source)
+        if (name := threading.current_thread().name) not in checked:  # its first check, before the lock
+            checked.add(name)
+            every_checked.wait(timeout=10)
+        return found
+
+    original = embedded.converted
+    monkeypatch.setattr(embedded, "convert", convert)
+    monkeypatch.setattr(embedded, "converted", converted)
+    with ThreadPoolExecutor(3, thread_name_prefix="process") as pool:
+        dirs = list(pool.map(lambda _: embedded.embedded_model_dir(), range(3)))
+    assert len(conversions) == 1
+    assert dirs == [tmp_path / "cache" / "embedded" / embedded.NAME] * 3 and original(dirs[0], gguf)
+    assert [p.name for p in dirs[0].parent.iterdir() if not p.name.endswith(".lock")] == [embedded.NAME]
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -134,20 +134,34 @@ def is_embedded(name_or_path: str | None) -> bool:
 
 
 def embedded_model_dir() -> Path:
-    """The cached Phi-3-layout copy of the embedded model, converting it on first use."""
+    """The cached Phi-3-layout copy of the embedded model, converting it on first use. One process of a machine
+    converts it, under a file lock; the others wait and load its copy. A multi-process run has its main process
+    prepare first, but a multi-machine run's other machines start their processes together, each machine on a
+    cache of its own: unlocked, each converted and replaced another's copy, under a process loading it or over
+    one just renamed into place ("Directory not empty")."""
+    from filelock import FileLock  # huggingface_hub's (and transformers') lock for its own downloads
+
     gguf = gguf_path()
     target = cache_root() / "embedded" / NAME
-    marker = target / "philora-source.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("gguf_bytes") == gguf.stat().st_size:
+    if converted(target, gguf):
         return target
-    progress.say(f"converting the embedded model to the Phi-3 layout (once) into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    try:
-        convert(tmp)
-        if target.exists():  # stale or half-built cache from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(target.parent / f".{NAME}.lock"):
+        if converted(target, gguf):  # by the process this one waited for
+            return target
+        progress.say(f"converting the embedded model to the Phi-3 layout (once) into {target}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
+        try:
+            convert(tmp)
+            if target.exists():  # stale or half-built cache from an older version
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def converted(target: Path, gguf: Path) -> bool:
+    """Whether `target` holds a finished conversion of this GGUF file (its marker is written last)."""
+    marker = target / "philora-source.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("gguf_bytes") == gguf.stat().st_size
