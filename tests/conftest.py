@@ -15,6 +15,9 @@ import pytest
 import torch
 
 SAMPLE = Path(__file__).resolve().parent.parent / "philora" / "sample"
+# merge and export in this process would fix glibc's mmap threshold for the whole session (philora/heap.py), and
+# slow every training test after them by a quarter; test_merge's memory test runs a merge with it, on its own
+os.environ["PHILORA_HEAP"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from philora import heap
 from philora.errors import UserError
 from philora.flags import BASE, MERGED, remember, typed, warn_deprecated
 from philora.model.load import named_by
@@ -45,6 +46,7 @@ OLLAMA_GGUF = "model.gguf"
 def main(args: argparse.Namespace) -> int:
     from philora.export import howto
 
+    heap.limit_slack()  # a model loaded, computed with once and written: memory, not speed, is what counts here
     old_spellings(args)
     flag = source_flag(args)
     source = check_source(Path(getattr(args, flag.dest)).expanduser(), flag.typed, flag.dest)
@@ -176,7 +178,7 @@ def export(
     from philora.data.render import ChatEncoder
     from philora.export import layouts, verify
     from philora.export.vocab import build_vocab, gguf_name
-    from philora.model.load import from_pretrained, load_tokenizer
+    from philora.model.load import from_pretrained, load_tokenizer, read_not_mapped
 
     section = ModelSection(name_or_path=str(path), trust_remote_code=trust)
     config = from_pretrained(AutoConfig, str(path), section, "config")
@@ -185,7 +187,8 @@ def export(
     encoder = ChatEncoder(tokenizer)
     vocab = build_vocab(tokenizer, config.vocab_size, encoder.end_of_turn_id)
     shape = ollama_shape(encoder) if ollama else None
-    model = from_pretrained(AutoModelForCausalLM, str(path), section, "model", dtype=torch.float32).eval()
+    with read_not_mapped(torch.device("cpu")):  # the reference runs on the CPU: fp32 without the file's pages too
+        model = from_pretrained(AutoModelForCausalLM, str(path), section, "model", dtype=torch.float32).eval()
     ref = verify.reference(model, config, tokenizer, encoder)
     name = gguf_name(path.resolve().name, vocab.rstrip_specials)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)

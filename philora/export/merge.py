@@ -1,19 +1,24 @@
 """`philora merge`: fold an adapter into its full-precision base and prove the result answers the same.
 
-The base is loaded in fp32 (for a QLoRA adapter: the original weights, not a de-quantised 4-bit copy), the adapter
-is merged with peft's `merge_and_unload(safe_merge=True)` in fp32, and only then is the model cast to the dtype it
-is saved in: `--dtype`, else the dtype the run trained in (run.json), else the base checkpoint's own dtype. The
-merged model is saved as sharded safetensors with the tokenizer, its chat template and a generation config that
-stops on the end-of-turn token.
+The base is held in its checkpoint's own dtype (for a QLoRA adapter: the original weights, not a de-quantised 4-bit
+copy), read tensor by tensor. Each adapted layer is merged by peft (`merge(safe_merge=True)`) on an fp32 copy of
+its weight, which is then cast to the dtype the model is saved in: `--dtype`, else the dtype the run trained in
+(run.json), else the base checkpoint's own dtype. The merged model is saved as sharded safetensors with the
+tokenizer, its chat template and a generation config that stops on the end-of-turn token.
 
 Parity: the saved model is read back from disk and its logits on a few chat-rendered prompts are compared with
-the unmerged base + adapter (fp32, the adapter as trained). Both run in fp32, so what is measured is the merge
-and the rounding of the saved weights, not the noise of low-precision arithmetic. The max abs difference is
-judged relative to the logits' scale (max |logit| of the reference): fp32 must agree to 1e-4 of it (measured
-2.2e-6 on the embedded model with a rank-8 adapter on every projection); bf16 and fp16 weights round every
-matrix to 8 and 11 significant bits, so they get 5e-2 and 1e-2 (measured 7.7e-3 and 1.1e-3). The numbers go to a
-line on stderr and to OUTPUT/merge.json; a failed check exits 1 and records `passed: false`, which export refuses.
-A merge that passes gets a README.md model card (export/card.py) from merge.json and the adapter's run records.
+the unmerged base + adapter (the adapter as trained). Both compute in fp32 (model.upcast: each module's weights
+cast up as it runs, exact for bf16), so what is measured is the merge and the rounding of the saved weights, not
+the noise of low-precision arithmetic. One model is held at a time, in its stored dtype: the peak is about the
+larger of the base and the merged model as stored, plus one layer in fp32 and the libraries (a 3.8B bf16 model:
+about 9 GB, where holding it in fp32 took 16).
+
+The max abs difference is judged relative to the logits' scale (max |logit| of the reference): fp32 must agree to
+1e-4 of it (measured 2.2e-6 on the embedded model with a rank-8 adapter on every projection); bf16 and fp16
+weights round every matrix to 8 and 11 significant bits, so they get 5e-2 and 1e-2 (measured 7.7e-3 and 1.1e-3).
+The numbers go to a line on stderr and to OUTPUT/merge.json; a failed check exits 1 and records `passed: false`,
+which export refuses. A merge that passes gets a README.md model card (export/card.py) from merge.json and the
+adapter's run records.
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ from typing import Any
 
 import torch
 
+from philora import heap
 from philora.errors import UserError
 from philora.export.card import write_card
 from philora.export.howto import after_merge
 from philora.flags import BASE, typed
-from philora.hardware import DTYPES
+from philora.hardware import DTYPES, resident_bytes
 from philora.infer.adapters import Adapter, base_named, base_section, read_adapter
-from philora.model.load import from_pretrained, without_bitsandbytes
+from philora.model.load import from_pretrained, read_not_mapped, without_bitsandbytes
+from philora.model.upcast import fp32_compute
 from philora.paths import umask_modes
 
 # Max |diff| / max |reference logit| allowed, by the dtype the merged weights are saved in.
@@ -72,12 +79,13 @@ class Parity:
 
 
 def main(args: argparse.Namespace) -> int:
+    heap.limit_slack()  # a model loaded, computed with once and written: memory, not speed, is what counts here
     adapter = read_adapter(args.adapter)
     check_adapter_kind(adapter)
     output = check_output_dir(Path(args.output).expanduser())
     max_shard_size = parse_size(args.max_shard_size)
     # sdpa on both sides of the parity check, whatever attention the run trained with (flash-attn needs a GPU).
-    base = base_section([adapter], args.base, "float32", args.trust_remote_code)
+    base = base_section([adapter], args.base, "auto", args.trust_remote_code)
     section = replace(base, attn_implementation="sdpa")
     started = time.time()
     # the base is never quantised here; one that cannot load is named by the flag typed, or by the adapter
@@ -114,7 +122,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     encoder = ChatEncoder(tokenizer)  # gives a Phi-3 tokenizer without a template the official one
     source = model_source(section)
     target = saved_dtype(dtype, source, section)
-    base = load_model(section, training=False)
+    base = load_model(replace(section, dtype=saved_dtype("auto", source, section)), training=False)
     try:
         model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
     except (RuntimeError, ValueError, KeyError) as e:
@@ -127,7 +135,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     reference = logits_of(model, prompts)
     with model.disable_adapter():  # on the first prompt: enough to show the adapter changes the answers
         effect = compare(reference[:1], logits_of(model, prompts[:1]), float("inf"))
-    merged = merge_weights(model, adapter.path)
+    merged = merge_weights(model, adapter.path, DTYPES[target])
     del model, base
     merged.to(DTYPES[target])
     check_finite(merged, adapter.path, target)  # after the cast: fp16 overflows to inf past 65504
@@ -135,7 +143,8 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     del merged
     # a base with its own code saves it beside the weights (save_pretrained copies it): run only when trusted
     trust = section.trust_remote_code
-    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, trust_remote_code=trust)
+    with read_not_mapped(reference[0].device):
+        reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=DTYPES[target], trust_remote_code=trust)
     reloaded = reloaded.to(reference[0].device).eval()
     parity = compare(reference, logits_of(reloaded, prompts), TOLERANCE[target])
     return {
@@ -148,6 +157,7 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
         "passed": parity.passed,
         "adapter_effect_max_abs_diff": effect.max_abs_diff,  # base vs base + adapter: > 0 makes parity mean something
         "stop_token_ids": encoder.stop_ids,
+        "peak_memory_mb": round(resident_bytes("VmHWM") / 2**20, 1),
     }
 
 
@@ -204,9 +214,11 @@ def parity_prompts(encoder: Any) -> list[list[int]]:
 
 @torch.no_grad()
 def logits_of(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """fp32 logits of every position of each prompt (one at a time: no padding to get wrong)."""
+    """fp32 logits of every position of each prompt (one at a time: no padding to get wrong), computed in fp32
+    whatever dtype the weights are held in."""
     device = next(model.parameters()).device
-    return [model(torch.tensor([ids], device=device)).logits[0].float() for ids in prompts]
+    with fp32_compute(model):
+        return [model(torch.tensor([ids], device=device)).logits[0].float() for ids in prompts]
 
 
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor], tolerance: float) -> Parity:
@@ -232,21 +244,29 @@ def parity_line(what: str, parity: dict[str, Any]) -> str:
     )
 
 
-def merge_weights(model: Any, adapter_path: Path) -> Any:
-    """peft's safe merge (it checks each merged matrix for NaN), after checking the adapter's own tensors."""
+def merge_weights(model: Any, adapter_path: Path, dtype: torch.dtype) -> Any:
+    """peft's safe merge (it checks each merged matrix for NaN) of each adapted layer on an fp32 copy of its weight,
+    cast to `dtype` as soon as it is merged, after checking the adapter's own tensors; then the adapter's layers
+    removed."""
+    from peft.tuners.lora import LoraLayer
+
     bad = [n for n, p in model.named_parameters() if "lora_" in n and not finite(p)]
     if bad:
         raise UserError(
             f"--adapter {adapter_path}: {len(bad)} adapter tensors hold NaN or inf (first: {bad[0]}); the training "
             "run diverged — merge an earlier checkpoint or retrain with a lower learning rate"
         )
-    try:
-        merged = model.merge_and_unload(safe_merge=True)
-    except ValueError as e:
-        if "NaN" not in str(e):
-            raise
-        raise UserError(f"--adapter {adapter_path}: merging it gives NaN weights; the adapter is broken") from None
-    return merged
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        weight = layer.get_base_layer().weight
+        weight.data = weight.data.float()
+        try:
+            layer.merge(safe_merge=True)
+        except ValueError as e:
+            if "NaN" not in str(e):
+                raise
+            raise UserError(f"--adapter {adapter_path}: merging it gives NaN weights; the adapter is broken") from None
+        weight.data = weight.data.to(dtype)
+    return model.unload()
 
 
 def check_finite(model: Any, adapter_path: Path, dtype: str) -> None:

@@ -209,7 +209,8 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
         if weights_sharded():  # the unquantised weights must match the bf16 storage FSDP/ZeRO-3 shard
             kwargs["dtype"] = torch.bfloat16
-    model = from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
+    with read_not_mapped(dev):
+        model = from_pretrained(AutoModelForCausalLM, source, mc, "model", **kwargs)
     if quant is None:
         model.to(dev)
     elif training and dev.type == "cpu":
@@ -219,6 +220,36 @@ def load_model(mc: ModelSection, *, training: bool) -> Any:
         packed_attention.register()
         model.set_attn_implementation(packed_attention.NAME)
     return model
+
+
+@contextlib.contextmanager
+def read_not_mapped(dev: torch.device) -> Iterator[None]:
+    """Loads on the CPU inside read each safetensors tensor into memory of its own (safetensors' pread backend)
+    rather than through transformers' memory map of the whole file.
+
+    Through the map, every page of the file a load converts (bf16 weights loaded as fp32, or quantized to 4 bits)
+    stays resident until the whole load ends, on top of the converted weights: the peak of loading a 3.8B bf16
+    checkpoint in fp32 was 23.6 GB (15.7 GB of weights + the 7.9 GB file), and 12.1 GB for QLoRA's 2.7 GB of
+    weights. Read tensor by tensor, each read is freed once converted (measured on a 1B shape: fp32 6.06 -> 4.27 GB,
+    4-bit 3.74 -> 1.90 GB). transformers chooses the backend itself (pread on Windows and MPS); this asks for it on
+    Linux and macOS CPUs too."""
+    from transformers import modeling_utils
+
+    opened = getattr(modeling_utils, "safe_open", None)
+    if dev.type != "cpu" or opened is None:
+        yield
+        return
+
+    def read(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device", "cpu") == "cpu" and not args:
+            kwargs["backend"] = "pread"
+        return opened(file, *args, **kwargs)
+
+    modeling_utils.safe_open = read
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = opened
 
 
 def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
