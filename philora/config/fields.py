@@ -44,7 +44,7 @@ class ModelSection:
         False, "run the model's own Python code (auto_map): set by --trust-remote-code; true in a file is refused"
     )
     quantization: Literal["4bit", "8bit"] | None = doc(
-        None, "load the base quantised with bitsandbytes for QLoRA: 4bit = NF4, double quant, bf16 compute"
+        None, "load the base quantised with bitsandbytes for QLoRA: 4bit = NF4, double quant, computing in model.dtype"
     )
     adapter: str | None = doc(
         None,

@@ -17,6 +17,9 @@ from philora.model.load import load_tokenizer, model_source
 from philora.preflight import architecture, memory, schedule, tokens
 from philora.preflight.report import Report, size
 
+# what slower_quantized's warning cites (bench/real_size.py, docs/benchmarks.md)
+QLORA_CPU_MEASURE = "a 3.8B model on a 2-core AMD EPYC, fp32: 94 s a 512-token step in 4-bit, 69 s without"
+
 
 def check(config: Config, measure: Callable[[Config, data.PreparedData, Report], None] | None = None,
           as_json: bool = False) -> int:  # fmt: skip
@@ -86,7 +89,9 @@ def inspect(config: Config, prepared: data.PreparedData, report: Report) -> None
                f"eos {facts['eos']}, pad {facts['pad']}, end-of-turn {facts['end_of_turn']}; {verdicts}",
                f"end-of-turn trained {facts['end_of_turn_trained']}; generation stops at "
                f"{facts['generation_stops_at']}")  # fmt: skip
-    describe_memory(config, arch, memory.estimate(config, arch), report)
+    estimate = memory.estimate(config, arch)
+    describe_memory(config, arch, estimate, report)
+    slower_quantized(config, arch, estimate, report)
     if prepared.train.samples:
         schedule.describe(config, prepared, schedule.plan(config, prepared, arch.original_context), report)
 
@@ -147,7 +152,10 @@ def describe_memory(config: Config, arch: architecture.Architecture, estimate: m
     if estimate.capacity is None or estimate.total <= (estimate.available or estimate.capacity):
         return
     fixes = alternatives(config, arch, estimate)
-    advice = "; ".join(f"{how} → {size(total)}" for how, total in fixes) or "use a smaller model or a larger device"
+    limit = estimate.available or estimate.capacity
+    advice = "; ".join(f"{how} → {size(total)}{' (not enough alone)' if total > limit else ''}"
+                       for how, total in sorted(fixes, key=lambda fix: fix[1] > limit))  # fmt: skip
+    advice = advice or "use a smaller model or a larger device"
     if estimate.total > estimate.capacity:
         report.errors.append(
             f"memory: one step needs about {size(estimate.total)}, more than this device's {size(estimate.capacity)}; "
@@ -157,6 +165,24 @@ def describe_memory(config: Config, arch: architecture.Architecture, estimate: m
         report.warnings.append(
             f"memory: one step needs about {size(estimate.total)}, more than the {size(estimate.available)} free now; "
             + advice
+        )
+
+
+def slower_quantized(config: Config, arch: architecture.Architecture, estimate: memory.Estimate,
+                     report: Report) -> None:  # fmt: skip
+    """Warn when a quantized base trains on a CPU where the weights unquantized fit: there each use of a 4-bit or
+    8-bit weight unpacks it first (forward, recomputation, backward), so every step pays for memory it need not."""
+    quantization, limit = config.model.quantization, estimate.available or estimate.capacity
+    if quantization is None or estimate.device != "cpu" or not limit:
+        return
+    plain = copy.deepcopy(config)
+    plain.model.quantization = None
+    total = memory.estimate(plain, arch).total
+    if total <= limit:
+        report.warnings.append(
+            f"model.quantization: {quantization} on a CPU unpacks each weight at every use, so a step takes longer "
+            f"than with the {hardware.dtype_name(arch.dtype)} weights, and those fit here ({size(total)} of "
+            f"{size(limit)} free): set model.quantization: null to train faster ({QLORA_CPU_MEASURE})"
         )
 
 
