@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint format clean bench-data bench-train bench-sweep
+.PHONY: setup demo test test-fast lint format clean bench-data bench-train bench-sweep bench-real-size
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench-train: setup
 # philora sweep's cost beside its trials: two short trials of the demo (a few minutes)
 bench-sweep: setup
 	$(BIN)/python bench/sweep.py
+
+# a 3.8B Phi-3-mini shape (random weights, 7.9 GB, made once under out/shapes) trained, merged and exported: an hour
+bench-real-size: setup
+	$(BIN)/python bench/real_size.py
 
 lint: setup
 	$(BIN)/ruff check .

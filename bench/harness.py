@@ -75,11 +75,9 @@ def rate(marks: list[tuple[float, int]]) -> float:
     return (n1 - n0) / (t1 - t0)
 
 
-def run_philora(run: Run, out: Path) -> dict:
-    from philora.config import load_config
-    from philora.train.run import train
-
-    settings = {
+def philora_settings(run: Run, out: Path) -> dict[str, object]:
+    """The config overrides that make philora's side of `run` (its embedded demo config underneath)."""
+    settings: dict[str, object] = {
         "model.dtype": run.dtype,
         "model.attn_implementation": run.attn,
         "data.train": run.data,
@@ -109,13 +107,40 @@ def run_philora(run: Run, out: Path) -> dict:
     if run.checkpoint_layers:
         settings["training_config.gradient_checkpointing"] = True
         settings["training_config.gradient_checkpointing_layers"] = run.checkpoint_layers
-    train(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
+    return settings
+
+
+def run_philora(run: Run, out: Path) -> dict:
+    from philora import heap
+    from philora.config import load_config
+    from philora.hardware import resident_bytes
+    from philora.train import run as run_module
+    from philora.train.run import train
+
+    if os.environ.get(heap.SWITCH) == "1":  # bench/allocator.py's trial of the setting merge and export use
+        heap.limit_slack()
+
+    loaded: list[float] = []
+    load_model = run_module.load_model
+
+    def load_and_mark(*args: object, **kwargs: object) -> object:
+        model = load_model(*args, **kwargs)
+        loaded.append(resident_bytes("VmHWM") / 2**20)  # the peak of loading (and quantizing) the model
+        return model
+
+    settings = philora_settings(run, out)
+    run_module.load_model = load_and_mark
+    try:
+        train(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
+    finally:
+        run_module.load_model = load_model
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {
         "marks": [(r["elapsed_s"], r["tokens"]) for r in steps],
         "losses": [round(r["loss"], 4) for r in steps],
         "params": json.loads((out / "run.json").read_text())["parameters"]["total"],
+        "load_peak_rss_mb": loaded[0],
     }
 
 
@@ -202,10 +227,10 @@ def worker(side: str, run: Run, out: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(script: str, side: str, run: Run, extra: list[str] | None = None) -> dict:
-    """Run `script --worker SIDE --run ...` in a fresh process and return its RESULT."""
+def spawn(script: str, side: str, run: Run, extra: list[str] | None = None, env: dict[str, str] | None = None) -> dict:
+    """Run `script --worker SIDE --run ...` in a fresh process (in `env`, else this one's) and return its RESULT."""
     command = [sys.executable, script, "--worker", side, *run.argv(), *(extra or [])]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, env={**(env or os.environ), "TQDM_DISABLE": "1"})
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
