@@ -228,11 +228,11 @@ def read_not_mapped(dev: torch.device) -> Iterator[None]:
     rather than through transformers' memory map of the whole file.
 
     Through the map, every page of the file a load converts (bf16 weights loaded as fp32, or quantized to 4 bits)
-    stays resident until the whole load ends, on top of the converted weights: the peak of loading a 3.8B bf16
-    checkpoint in fp32 was 23.6 GB (15.7 GB of weights + the 7.9 GB file), and 12.1 GB for QLoRA's 2.7 GB of
-    weights. Read tensor by tensor, each read is freed once converted (measured on a 1B shape: fp32 6.06 -> 4.27 GB,
-    4-bit 3.74 -> 1.90 GB). transformers chooses the backend itself (pread on Windows and MPS); this asks for it on
-    Linux and macOS CPUs too."""
+    stays resident until the whole load ends, on top of the converted weights: a LoRA run of a 3.8B bf16 checkpoint
+    in fp32 peaked at 22.9 GB while loading (15.7 GB of weights, most of the 7.9 GB file), a QLoRA run at 12.1 GB
+    (2.7 GB of weights). Read tensor by tensor, each read is freed once converted (measured on a 1B shape: fp32
+    6.06 -> 4.27 GB, 4-bit 3.74 -> 1.90 GB). transformers chooses the backend itself (pread on Windows and MPS);
+    this asks for it on Linux and macOS CPUs too."""
     from transformers import modeling_utils
 
     opened = getattr(modeling_utils, "safe_open", None)
