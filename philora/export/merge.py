@@ -121,8 +121,9 @@ def merge(adapter: Adapter, section: Any, output: Path, dtype: str, max_shard_si
     tokenizer = load_tokenizer(section)
     encoder = ChatEncoder(tokenizer)  # gives a Phi-3 tokenizer without a template the official one
     source = model_source(section)
-    target = saved_dtype(dtype, source, section)
-    base = load_model(replace(section, dtype=saved_dtype("auto", source, section)), training=False)
+    stored = stored_dtype(source, section)
+    target = stored if dtype == "auto" else dtype
+    base = load_model(replace(section, dtype=stored), training=False)
     try:
         model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
     except (RuntimeError, ValueError, KeyError) as e:
@@ -195,10 +196,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def saved_dtype(requested: str, source: str, section: Any) -> str:
-    """The dtype the merged weights are saved in: --dtype, or for auto the base checkpoint's own dtype."""
-    if requested != "auto":
-        return requested
+def stored_dtype(source: str, section: Any) -> str:
+    """The base checkpoint's own dtype (its config's), float32 where it names none: the base is held in it, and the
+    merged weights are saved in it unless --dtype or the run says otherwise."""
     from transformers import AutoConfig
 
     config = from_pretrained(AutoConfig, source, section, "config")
